@@ -1,0 +1,33 @@
+# The two set-up commands in the README are `make demo` and `make test`; both start from a fresh clone.
+.PHONY: demo test unit test39 deb rpm bench clean
+
+VENV := .venv
+PY := $(VENV)/bin/python
+
+$(PY): pyproject.toml scripts/setup-test-env.sh
+	bash scripts/setup-test-env.sh
+	touch $(PY)
+
+demo: $(PY)
+	$(PY) -m agent demo
+
+# The whole suite, as CI runs it: unit tests on Python 3.9 too, then everything on the default Python.
+test: $(PY)
+	@if [ -x .venv39/bin/python ]; then .venv39/bin/python -m pytest -q -p no:cacheprovider tests/unit; \
+	 else echo "test: no Python 3.9 found for the 3.9 unit run" >&2; exit 1; fi
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+unit: $(PY)
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit
+
+deb:
+	bash packaging/deb/build.sh
+
+rpm:
+	bash packaging/rpm/build.sh
+
+bench: $(PY)
+	$(PY) -m bench.all
+
+clean:
+	rm -rf build dist *.egg-info packaging/deb/build packaging/rpm/build

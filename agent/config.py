@@ -1,0 +1,388 @@
+"""The agent's configuration: one TOML file, typed sections, every key documented.
+
+Each section is a dataclass; ``agent.schema`` turns the TOML into them and reports every problem with
+its key path. Cross-field rules live in each section's ``validate``. Loading is pure (``parse``); the
+file-permission rule (the agent runs hooks as root) is applied by ``load``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+from agent.events import EVENT_KINDS
+from agent.schema import ConfigError, ConfigProblem, build
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.9 in CI
+    import tomli as tomllib
+
+DEFAULT_CONFIG_PATH = "/etc/spot-agent/agent.toml"
+
+Problems = List[Tuple[str, str]]
+
+
+def _absolute(value: str) -> Optional[str]:
+    if value and not os.path.isabs(value):
+        return f"must be an absolute path, got {value!r}"
+    return None
+
+
+def _url(value: str) -> Optional[str]:
+    if value and not re.match(r"^https?://[^/\s]+", value):
+        return f"must be an http:// or https:// URL, got {value!r}"
+    return None
+
+
+def _s3_url(value: str) -> Optional[str]:
+    if not re.match(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$", value):
+        return f"must look like s3://bucket/prefix/, got {value!r}"
+    return None
+
+
+def _listen(value: str) -> Optional[str]:
+    if not re.match(r"^(\[[0-9a-fA-F:]+\]|[^:\s]*):\d{1,5}$", value) or int(value.rsplit(":", 1)[1]) > 65535:
+        return f"must be HOST:PORT (e.g. 0.0.0.0:8947), got {value!r}"
+    return None
+
+
+def _signal_name(value: str) -> Optional[str]:
+    import signal
+
+    name = value if value.startswith("SIG") else f"SIG{value}"
+    if not hasattr(signal, name):
+        return f"unknown signal {value!r}"
+    return None
+
+
+@dataclass
+class AgentSection:
+    state_dir: str = field(default="/var/lib/spot-agent", metadata={"check": _absolute, "doc": "where state survives restarts"})
+    socket: str = field(default="/run/spot-agent/agent.sock", metadata={"check": _absolute, "doc": "status socket (mode 0600)"})
+    log_level: str = field(default="info", metadata={"choices": ["debug", "info", "warning", "error"], "doc": "log level"})
+    run: str = field(default="", metadata={"doc": "run name used in tags; empty: the instance id"})
+
+
+@dataclass
+class IMDSSection:
+    endpoint: str = field(default="http://169.254.169.254", metadata={"check": _url, "doc": "IMDS base URL; the simulator in tests"})
+    poll_interval: float = field(default=1.0, metadata={"min": 0.05, "max": 60, "doc": "seconds between spot/instance-action polls"})
+    slow_poll_interval: float = field(default=5.0, metadata={"min": 0.1, "max": 300, "doc": "seconds between polls of the other notice paths"})
+    timeout: float = field(default=1.0, metadata={"min": 0.05, "max": 30, "doc": "per-request timeout, seconds"})
+    token_ttl: int = field(default=21600, metadata={"min": 1, "max": 21600, "doc": "IMDSv2 session token TTL, seconds"})
+    allow_imdsv1: bool = field(default=False, metadata={"doc": "fall back to IMDSv1 if the token PUT is refused (explicit opt-in)"})
+    backoff_max: float = field(default=8.0, metadata={"min": 0.1, "max": 120, "doc": "cap of the exponential backoff after errors, seconds"})
+
+
+@dataclass
+class AWSSection:
+    region: str = field(default="", metadata={"doc": "empty: take it from IMDS"})
+    endpoint_url: str = field(default="", metadata={"check": _url, "doc": "empty: AWS; set for local S3/EC2 emulators"})
+    endpoints: Dict[str, str] = field(default_factory=dict, metadata={"doc": "per-service endpoint overrides, e.g. { s3 = \"http://127.0.0.1:9000\" }"})
+    max_attempts: int = field(default=5, metadata={"min": 1, "max": 20, "doc": "botocore retry attempts (standard mode)"})
+
+    def validate(self) -> Problems:
+        out: Problems = []
+        for name, url in self.endpoints.items():
+            if name not in ("s3", "ec2", "autoscaling"):
+                out.append((f"endpoints.{name}", "unknown service; use s3, ec2 or autoscaling"))
+            elif _url(url):
+                out.append((f"endpoints.{name}", _url(url) or ""))
+        return out
+
+
+@dataclass
+class HostSection:
+    dev_root: str = field(default="/dev", metadata={"check": _absolute, "doc": "root of the device tree"})
+    sys_root: str = field(default="/sys", metadata={"check": _absolute, "doc": "root of sysfs"})
+    fstab: str = field(default="/etc/fstab", metadata={"check": _absolute, "doc": "fstab written by volumes with fstab = true"})
+    unit_dir: str = field(default="/etc/systemd/system", metadata={"check": _absolute, "doc": "where mount units are written"})
+
+
+@dataclass
+class HookSection:
+    on: List[str] = field(metadata={"choices": list(EVENT_KINDS), "doc": "event kinds that run this hook"})
+    command: List[str] = field(metadata={"doc": "argv, never a shell string; argv[0] absolute"})
+    timeout: float = field(default=60.0, metadata={"min": 0.1, "max": 3600, "doc": "seconds before the process group is killed"})
+    user: str = field(default="", metadata={"doc": "run as this user instead of root"})
+    env: Dict[str, str] = field(default_factory=dict, metadata={"doc": "extra environment"})
+
+    def validate(self) -> Problems:
+        out: Problems = []
+        if not self.on:
+            out.append(("on", "must name at least one event kind"))
+        if not self.command:
+            out.append(("command", "must not be empty"))
+        elif not os.path.isabs(self.command[0]):
+            out.append(("command[0]", f"must be an absolute path, got {self.command[0]!r}"))
+        return out
+
+
+@dataclass
+class CreateSpec:
+    size_gib: int = field(metadata={"min": 1, "max": 65536, "doc": "size of a new volume"})
+    type: str = field(default="gp3", metadata={"choices": ["gp2", "gp3", "io1", "io2", "st1", "sc1", "standard"]})
+    iops: int = field(default=0, metadata={"min": 0, "doc": "0: the type's default"})
+    throughput: int = field(default=0, metadata={"min": 0, "doc": "MiB/s for gp3; 0: default"})
+    encrypted: bool = True
+    kms_key_id: str = ""
+
+
+@dataclass
+class VolumeSection:
+    name: str = field(metadata={"check": lambda v: None if re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", v) else f"must be 1-63 letters, digits, '.', '_' or '-', got {v!r}"})
+    mount: str = field(metadata={"check": lambda v: _absolute(v) or (None if v != "/" else "must not be /")})
+    fs: str = field(default="xfs", metadata={"choices": ["ext4", "xfs"]})
+    volume_id: str = field(default="", metadata={"check": lambda v: None if not v or re.match(r"^vol-[0-9a-f]{8,17}$", v) else f"not a volume id: {v!r}"})
+    tags: Dict[str, str] = field(default_factory=dict, metadata={"doc": "an available volume with these tags in this AZ"})
+    snapshot_id: str = field(default="", metadata={"check": lambda v: None if not v or re.match(r"^snap-[0-9a-f]{8,17}$", v) else f"not a snapshot id: {v!r}"})
+    latest_snapshot: Dict[str, str] = field(default_factory=dict, metadata={"doc": "the newest completed snapshot with these tags"})
+    create: Optional[CreateSpec] = field(default=None, metadata={"doc": "a new volume; with tags or latest_snapshot: used when nothing matches"})
+    instance_store: bool = field(default=False, metadata={"doc": "NVMe instance-store disks as scratch (RAID0 when several)"})
+    delete_on_termination: bool = False
+    read_only: bool = False
+    multi_attach: bool = field(default=False, metadata={"doc": "io2 multi-attach: mounted read-only, never formatted or frozen"})
+    required: bool = True
+    initialize: bool = field(default=False, metadata={"doc": "read every block once before READY (volumes from snapshots)"})
+    mount_options: List[str] = field(default_factory=list)
+    fstab: bool = field(default=False, metadata={"doc": "write an fstab entry with nofail"})
+    mount_unit: bool = field(default=False, metadata={"doc": "write a systemd .mount unit"})
+    copy_across_az: bool = field(default=False, metadata={"doc": "snapshot and re-create a volume found in another AZ"})
+    snapshot_on_drain: bool = field(default=True, metadata={"doc": "take a frozen-filesystem snapshot of it in the drain"})
+    device_name: str = field(default="", metadata={"doc": "preferred attach name, e.g. /dev/sdf; empty: first free"})
+    attach_timeout: float = field(default=120.0, metadata={"min": 1})
+
+    def sources(self) -> List[str]:
+        named = []
+        if self.volume_id:
+            named.append("volume_id")
+        if self.tags:
+            named.append("tags")
+        if self.snapshot_id:
+            named.append("snapshot_id")
+        if self.latest_snapshot:
+            named.append("latest_snapshot")
+        if self.instance_store:
+            named.append("instance_store")
+        return named
+
+    def validate(self) -> Problems:
+        out: Problems = []
+        named = self.sources()
+        if len(named) > 1:
+            out.append(("", f"exactly one source allowed, got {' and '.join(named)}"))
+        if not named and self.create is None:
+            out.append(("", "needs a source: volume_id, tags, snapshot_id, latest_snapshot, create or instance_store"))
+        if self.create is not None and named and named[0] not in ("tags", "latest_snapshot"):
+            out.append(("create", f"can only be a fallback for tags or latest_snapshot, not {named[0]}"))
+        if self.multi_attach and not self.read_only:
+            out.append(("read_only", "multi_attach volumes must be read_only = true"))
+        return out
+
+
+@dataclass
+class DatasetSection:
+    source: str = field(metadata={"check": _s3_url})
+    dest: str = field(metadata={"check": _absolute})
+    include: List[str] = field(default_factory=list)
+    exclude: List[str] = field(default_factory=list)
+    delete: bool = field(default=False, metadata={"doc": "remove local files that are not in S3"})
+    background: bool = field(default=False, metadata={"doc": "true: don't hold READY for this dataset"})
+
+
+@dataclass
+class CheckpointSection:
+    dir: str = field(metadata={"check": _absolute})
+    s3: str = field(metadata={"check": _s3_url})
+    interval: float = field(default=300.0, metadata={"min": 0, "doc": "seconds between background uploads; 0 = only on drain"})
+    settle: float = field(default=10.0, metadata={"min": 0, "doc": "a file counts as complete when unmodified this long"})
+    marker: str = field(default="", metadata={"doc": "marker file name: when set, a directory is complete once it holds this file"})
+    keep: int = field(default=5, metadata={"min": 1, "doc": "committed checkpoints to keep in S3"})
+    restore: bool = field(default=True, metadata={"doc": "at boot, restore the newest committed checkpoint before READY"})
+
+
+@dataclass
+class TransferSection:
+    concurrency: int = field(default=16, metadata={"min": 1, "max": 256, "doc": "parallel requests"})
+    part_size: int = field(default=8 * 1024 * 1024, metadata={"min": 5 * 1024 * 1024, "doc": "bytes per ranged GET / multipart part"})
+    multipart_threshold: int = field(default=16 * 1024 * 1024, metadata={"min": 5 * 1024 * 1024})
+    max_bandwidth: int = field(default=0, metadata={"min": 0, "doc": "bytes per second; 0 = unlimited"})
+    checksum: str = field(default="sha256", metadata={"choices": ["sha256", "crc32", "crc32c"], "doc": "checksum S3 verifies on upload"})
+
+
+@dataclass
+class WebhookSection:
+    url: str = field(metadata={"check": _url})
+    timeout: float = field(default=5.0, metadata={"min": 0.1})
+    headers: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class WorkloadSection:
+    unit: str = field(default="", metadata={"doc": "systemd unit to signal (systemctl kill --signal=)"})
+    pidfile: str = field(default="", metadata={"check": _absolute, "doc": "process to signal, found by pidfile"})
+    signal: str = field(default="SIGTERM", metadata={"check": _signal_name})
+    webhook: Optional[WebhookSection] = None
+    marker: str = field(default="", metadata={"check": _absolute, "doc": "file whose appearance means the checkpoint is written"})
+    wait: str = field(default="auto", metadata={"choices": ["auto", "hooks", "process", "marker", "none"], "doc": "what 'checkpoint written' means"})
+    checkpoint_timeout: float = field(default=60.0, metadata={"min": 0, "doc": "longest wait for the workload's checkpoint, seconds"})
+
+
+@dataclass
+class LifecycleSection:
+    enabled: bool = field(default=True, metadata={"doc": "complete the Auto Scaling lifecycle action"})
+    group: str = field(default="", metadata={"doc": "Auto Scaling group; empty: found via the API"})
+    hook: str = field(default="", metadata={"doc": "lifecycle hook name; empty: found via the API"})
+    heartbeat_interval: float = field(default=30.0, metadata={"min": 1})
+
+
+@dataclass
+class DrainSection:
+    margin: float = field(default=10.0, metadata={"min": 0, "doc": "seconds kept free before the deadline"})
+    scheduled_window: float = field(default=900.0, metadata={"min": 0, "doc": "a scheduled stop/retirement due within this many seconds drains"})
+    shutdown_budget: float = field(default=0.0, metadata={"min": 0, "doc": "SIGTERM budget, seconds; 0: the unit's TimeoutStopSec"})
+    rebalance: str = field(default="checkpoint", metadata={"choices": ["checkpoint", "drain", "none"], "doc": "what a rebalance recommendation does"})
+    crash_consistent: bool = field(default=False, metadata={"doc": "snapshot all volumes at once with CreateSnapshots"})
+    keep_snapshots: int = field(default=5, metadata={"min": 1, "doc": "snapshots kept per volume name"})
+    workload: WorkloadSection = field(default_factory=WorkloadSection)
+    lifecycle: LifecycleSection = field(default_factory=LifecycleSection)
+
+
+@dataclass
+class MetricsSection:
+    enabled: bool = True
+    listen: str = field(default="0.0.0.0:8947", metadata={"check": _listen, "doc": "HOST:PORT of /metrics, /healthz, /readyz"})
+    tls_cert: str = field(default="", metadata={"check": _absolute})
+    tls_key: str = field(default="", metadata={"check": _absolute})
+
+    def validate(self) -> Problems:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            return [("tls_key" if self.tls_cert else "tls_cert", "tls_cert and tls_key go together")]
+        return []
+
+
+@dataclass
+class Config:
+    agent: AgentSection = field(default_factory=AgentSection)
+    imds: IMDSSection = field(default_factory=IMDSSection)
+    aws: AWSSection = field(default_factory=AWSSection)
+    host: HostSection = field(default_factory=HostSection)
+    hooks: List[HookSection] = field(default_factory=list)
+    volumes: List[VolumeSection] = field(default_factory=list)
+    datasets: List[DatasetSection] = field(default_factory=list)
+    checkpoints: List[CheckpointSection] = field(default_factory=list)
+    transfer: TransferSection = field(default_factory=TransferSection)
+    drain: DrainSection = field(default_factory=DrainSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+
+    def validate(self) -> Problems:
+        out: Problems = []
+        seen_names: Dict[str, int] = {}
+        seen_mounts: Dict[str, int] = {}
+        for i, vol in enumerate(self.volumes):
+            if vol.name in seen_names:
+                out.append((f"volumes[{i}].name", f"duplicate of volumes[{seen_names[vol.name]}].name"))
+            seen_names.setdefault(vol.name, i)
+            mount = os.path.normpath(vol.mount)
+            if mount in seen_mounts:
+                out.append((f"volumes[{i}].mount", f"{vol.mount} is already the mount of volumes[{seen_mounts[mount]}]"))
+            seen_mounts.setdefault(mount, i)
+        dests: Dict[str, str] = {}
+        for i, ds in enumerate(self.datasets):
+            d = os.path.normpath(ds.dest)
+            if d in dests:
+                out.append((f"datasets[{i}].dest", f"already the dest of {dests[d]}"))
+            dests.setdefault(d, f"datasets[{i}]")
+        for i, ck in enumerate(self.checkpoints):
+            d = os.path.normpath(ck.dir)
+            if d in dests:
+                out.append((f"checkpoints[{i}].dir", f"already the dest of {dests[d]}"))
+        return out
+
+
+def parse(text: str, source: str = "") -> Config:
+    """Parse TOML text into a :class:`Config`; raises :class:`ConfigError` with every problem."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([ConfigProblem("", f"not valid TOML: {exc}")], source) from None
+    return build(Config, data, source)
+
+
+def insecure_reason(path: str) -> Optional[str]:
+    """Why ``path`` must not be trusted by a root agent, or None.
+
+    Like sshd's StrictModes: the file and every directory above it must be owned by root and not be
+    writable by group or others; otherwise any local user could make the agent run code as root.
+    """
+    try:
+        real = os.path.realpath(path)
+        st = os.stat(real)
+    except OSError as exc:
+        return f"{path}: cannot stat: {exc.strerror}"
+    if st.st_uid != 0:
+        return f"{real} is owned by uid {st.st_uid}, not root"
+    if st.st_mode & 0o022:
+        return f"{real} is writable by group or others (mode {st.st_mode & 0o777:o})"
+    parent = os.path.dirname(real)
+    while True:
+        try:
+            pst = os.stat(parent)
+        except OSError as exc:
+            return f"{parent}: cannot stat: {exc.strerror}"
+        sticky = pst.st_mode & 0o1000
+        if pst.st_uid != 0 or (pst.st_mode & 0o022 and not sticky):
+            return f"directory {parent} is writable by a user other than root"
+        if parent == "/":
+            break
+        parent = os.path.dirname(parent)
+    return None
+
+
+def load(path: str, strict_permissions: Optional[bool] = None) -> Config:
+    """Read, parse and permission-check the config file.
+
+    ``strict_permissions`` defaults to "when running as root": the rule protects a root agent, and an
+    unprivileged user rehearsing with the simulator owns their own files.
+    """
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise ConfigError([ConfigProblem("", f"cannot read config: {exc.strerror}")], path) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([ConfigProblem("", f"not UTF-8 at byte {exc.start}")], path) from None
+    config = parse(text, path)
+    if strict_permissions is None:
+        strict_permissions = os.geteuid() == 0
+    if strict_permissions:
+        problems = []
+        reason = insecure_reason(path)
+        if reason:
+            problems.append(ConfigProblem("", f"refusing an unsafe config file: {reason}"))
+        for i, hook in enumerate(config.hooks):
+            reason = insecure_reason(hook.command[0])
+            if reason:
+                problems.append(ConfigProblem(f"hooks[{i}].command[0]", f"refusing an unsafe hook executable: {reason}"))
+        if problems:
+            raise ConfigError(problems, path)
+    return config
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain data for ``status --json`` and ``check-config --json``."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
