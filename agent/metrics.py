@@ -131,3 +131,25 @@ class _MountedVolumes(Collector):
 
 MOUNTED_VOLUMES = _MountedVolumes()
 REGISTRY.register(MOUNTED_VOLUMES)
+
+
+# Known label values start at zero. A series born at 1 shows no increase() to a rule, so a first notice
+# or a first failed drain would never alert; and "no notice" should read 0, not absent.
+def _zero_known_labels() -> None:
+    from agent.events import EVENT_KINDS
+
+    for kind in EVENT_KINDS:
+        NOTICE_ACTIVE.labels(kind=kind).set(0)
+        NOTICES.labels(kind=kind)
+    for result in DRAIN_RESULTS:
+        DRAINS.labels(result=result)
+
+
+DRAIN_RESULTS = ("success", "partial", "failed")
+_zero_known_labels()
+
+# The agent's own CPU, memory and start time (process_*), read from /proc at scrape time. The
+# CheckpointStale rule uses process_start_time_seconds to give a fresh agent time to commit once.
+from prometheus_client import ProcessCollector  # noqa: E402 - appended section of the catalogue
+
+PROCESS = ProcessCollector(registry=REGISTRY)
