@@ -216,16 +216,17 @@ class TransferSection:
 
 @dataclass
 class WebhookSection:
-    url: str = field(metadata={"check": _url})
-    timeout: float = field(default=5.0, metadata={"min": 0.1})
-    headers: Dict[str, str] = field(default_factory=dict)
+    url: str = field(metadata={"check": _url, "doc": "POSTed a JSON body (event, instance, deadline, budget)"})
+    timeout: float = field(default=5.0, metadata={"min": 0.1, "doc": "per-attempt timeout; attempts repeat until a 2xx or the notify budget ends"})
+    headers: Dict[str, str] = field(default_factory=dict, metadata={"doc": "extra request headers"})
 
 
 @dataclass
 class WorkloadSection:
     unit: str = field(default="", metadata={"doc": "systemd unit to signal (systemctl kill --signal=)"})
     pidfile: str = field(default="", metadata={"check": _absolute, "doc": "process to signal, found by pidfile"})
-    signal: str = field(default="SIGTERM", metadata={"check": _signal_name})
+    signal: str = field(default="SIGTERM", metadata={"check": _signal_name, "doc": "signal sent to the unit or pidfile process"})
+    kill_whom: str = field(default="main", metadata={"choices": ["main", "control", "all"], "doc": "systemctl kill --kill-whom: main spares data-loader workers"})
     webhook: Optional[WebhookSection] = None
     marker: str = field(default="", metadata={"check": _absolute, "doc": "file whose appearance means the checkpoint is written"})
     wait: str = field(default="auto", metadata={"choices": ["auto", "hooks", "process", "marker", "none"], "doc": "what 'checkpoint written' means"})
@@ -237,7 +238,7 @@ class LifecycleSection:
     enabled: bool = field(default=True, metadata={"doc": "complete the Auto Scaling lifecycle action"})
     group: str = field(default="", metadata={"doc": "Auto Scaling group; empty: found via the API"})
     hook: str = field(default="", metadata={"doc": "lifecycle hook name; empty: found via the API"})
-    heartbeat_interval: float = field(default=30.0, metadata={"min": 1})
+    heartbeat_interval: float = field(default=30.0, metadata={"min": 1, "doc": "seconds between RecordLifecycleActionHeartbeat calls while draining"})
 
 
 @dataclass
@@ -248,6 +249,12 @@ class DrainSection:
     rebalance: str = field(default="checkpoint", metadata={"choices": ["checkpoint", "drain", "none"], "doc": "what a rebalance recommendation does"})
     crash_consistent: bool = field(default=False, metadata={"doc": "snapshot all volumes at once with CreateSnapshots"})
     keep_snapshots: int = field(default=5, metadata={"min": 1, "doc": "snapshots kept per volume name"})
+    notify_timeout: float = field(default=5.0, metadata={"min": 0, "doc": "budget of the notify step (signal, webhook retries), seconds"})
+    snapshot_reserve: float = field(default=5.0, metadata={"min": 0, "doc": "seconds always kept for the snapshot step"})
+    upload_reserve: float = field(default=15.0, metadata={"min": 0, "doc": "seconds always kept for the S3 checkpoint upload"})
+    lifecycle_reserve: float = field(default=2.0, metadata={"min": 0, "doc": "seconds always kept for CompleteLifecycleAction"})
+    freeze_timeout: float = field(default=10.0, metadata={"min": 0.1, "max": 60, "doc": "longest a filesystem stays frozen waiting for CreateSnapshot"})
+    rebalance_budget: float = field(default=120.0, metadata={"min": 1, "doc": "seconds the rebalance plan may take"})
     workload: WorkloadSection = field(default_factory=WorkloadSection)
     lifecycle: LifecycleSection = field(default_factory=LifecycleSection)
 
