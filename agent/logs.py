@@ -48,8 +48,9 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
         extra = getattr(record, "journal", None)
-        if extra:
-            text += " " + " ".join(f"{k}={v}" for k, v in extra.items() if k != "MESSAGE_ID")
+        fields = [f"{k}={v}" for k, v in (extra or {}).items() if k != "MESSAGE_ID"]
+        if fields:
+            text += " " + " ".join(fields)
         return text
 
 

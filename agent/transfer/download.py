@@ -1,0 +1,349 @@
+"""One object -> one local file: temp file in the same directory, verified, then renamed.
+
+A reader of the destination sees the old file or the new one, never a partial one (rename is atomic
+within a filesystem, hence the temp file in the target directory). The temp name is derived from the
+target name, so a run that resumes after a crash overwrites its predecessor's leftovers.
+
+Large objects are split into ranged GETs run in parallel, each writing at its offset (``pwrite``);
+the worker that finishes the last range verifies and renames. Every GET carries ``If-Match: <ETag>``,
+so an object replaced mid-download fails loudly instead of producing a mix of two versions.
+
+Verification: the size always; the MD5 ETag when the object has one (single-part, not SSE-KMS/SSE-C),
+hashed while streaming for single GETs and by re-reading the (page-cached) file for ranged ones.
+Multipart ETags are not a content hash we can recompute without the original part sizes, so those
+objects are verified by size, by the HTTP length of every range, and by botocore's response checksum
+when S3 returns one.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat as statmod
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Tuple
+
+from agent.transfer.bandwidth import Limiter
+from agent.transfer.keys import TEMP_PREFIX, parent_dirs
+from agent.transfer.planner import Download
+from agent.transfer.retry import backoff, is_transient
+
+
+class Stopped(Exception):
+    pass
+
+
+class DiskFull(Exception):
+    pass
+
+
+class LocalError(Exception):
+    """A problem with the destination tree (conflict, permissions): not retried."""
+
+
+class RemoteError(Exception):
+    """The object cannot be fetched as listed (changed, gone, refused): not retried."""
+
+
+@dataclass
+class FileOutcome:
+    item: Download
+    ok: bool
+    adopted: bool = False
+    mtime_ns: int = 0
+    error: str = ""
+    fatal: bool = False  # the destination is full: stop starting new files
+
+
+def temp_name(path: str) -> str:
+    base = path.rsplit("/", 1)[-1]
+    return TEMP_PREFIX + hashlib.sha1(base.encode("utf-8", "surrogatepass")).hexdigest()[:20]
+
+
+def plain_md5_etag(etag: str) -> Optional[str]:
+    e = etag.strip('"').lower()
+    if len(e) == 32 and all(c in "0123456789abcdef" for c in e):
+        return e
+    return None
+
+
+def md5_file(path: str, limit: int = -1, fd: Optional[int] = None) -> str:
+    h = hashlib.md5()
+    own = fd is None
+    if own:
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        off = 0
+        while True:
+            buf = os.pread(fd, 4 * 1024 * 1024, off)
+            if not buf:
+                break
+            h.update(buf)
+            off += len(buf)
+    finally:
+        if own:
+            os.close(fd)
+    return h.hexdigest()
+
+
+class _Job:
+    def __init__(self, item: Download, chunks: List[Tuple[int, int]]) -> None:
+        self.item = item
+        self.chunks = chunks
+        self.lock = threading.Lock()
+        self.remaining = len(chunks)
+        self.prepared = False
+        self.done: Optional[FileOutcome] = None  # set when adopted or failed before all chunks ran
+        self.error = ""
+        self.fatal = False
+        self.fd = -1
+        self.temp = ""
+        self.md5 = hashlib.md5() if len(chunks) == 1 else None
+        self.verify_md5 = plain_md5_etag(item.etag) is not None
+
+
+class Downloader:
+    def __init__(self, s3: Any, bucket: str, dest: str, limiter: Limiter, part_size: int, threshold: int,
+                 attempts: int = 6, stop: Optional[threading.Event] = None,
+                 on_bytes: Optional[Callable[[int], None]] = None) -> None:
+        self.s3 = s3
+        self.bucket = bucket
+        self.dest = os.path.abspath(dest)
+        self.limiter = limiter
+        self.part_size = part_size
+        self.threshold = threshold
+        self.attempts = attempts
+        self.stop = stop or threading.Event()
+        self.on_bytes = on_bytes or (lambda n: None)
+        self._dirs_ok: set = set()
+        self._dirs_lock = threading.Lock()
+        self.retries = 0
+
+    # -- planning a file into chunk tasks -------------------------------------------------------
+    def job(self, item: Download) -> _Job:
+        if item.size < self.threshold or item.size <= self.part_size:
+            return _Job(item, [(0, item.size - 1)])
+        chunks = [(s, min(s + self.part_size, item.size) - 1) for s in range(0, item.size, self.part_size)]
+        return _Job(item, chunks)
+
+    def run_chunk(self, job: _Job, index: int) -> Optional[FileOutcome]:
+        """Fetch one chunk; returns the file's outcome if this call finished the file."""
+        try:
+            with job.lock:
+                if job.done is not None or job.error:
+                    return self._release(job)
+                if not job.prepared:
+                    adopted = self._prepare(job)
+                    if adopted is not None:
+                        job.done = adopted
+                        return self._release(job)
+            start, end = job.chunks[index]
+            self._fetch(job, start, end, ranged=len(job.chunks) > 1)
+        except DiskFull as exc:
+            job.error, job.fatal = str(exc), True
+        except (LocalError, RemoteError, Stopped) as exc:
+            job.error = job.error or (str(exc) or "stopped")
+        except Exception as exc:  # noqa: BLE001 - reported per key, never aborts the sync
+            job.error = job.error or f"{type(exc).__name__}: {exc}"
+        return self._release(job)
+
+    def _release(self, job: _Job) -> Optional[FileOutcome]:
+        with job.lock:
+            job.remaining -= 1
+            if job.remaining > 0:
+                return None
+        if job.done is not None and not job.prepared:
+            return job.done
+        if job.error:
+            self._discard(job)
+            return FileOutcome(job.item, False, error=f"{job.item.key}: {job.error}", fatal=job.fatal)
+        if job.done is not None:
+            return job.done
+        try:
+            return self._finish(job)
+        except DiskFull as exc:
+            self._discard(job)
+            return FileOutcome(job.item, False, error=f"{job.item.key}: {exc}", fatal=True)
+        except Exception as exc:  # noqa: BLE001
+            self._discard(job)
+            return FileOutcome(job.item, False, error=f"{job.item.key}: {exc}")
+
+    # -- the local side ---------------------------------------------------------------------
+    def _ensure_parent(self, rel: str) -> str:
+        """Create the parent directories, refusing symlinks and files in the way."""
+        for d in parent_dirs(rel):
+            if d in self._dirs_ok:
+                continue
+            full = os.path.join(self.dest, d)
+            try:
+                st = os.lstat(full)
+            except FileNotFoundError:
+                try:
+                    os.mkdir(full, 0o755)
+                except FileExistsError:
+                    pass
+                except OSError as exc:
+                    if exc.errno == errno.ENOSPC:
+                        raise DiskFull(f"no space left on the destination filesystem ({self.dest}) creating {d}/") from None
+                    raise LocalError(f"cannot create directory {d}/: {exc.strerror}") from None
+                st = os.lstat(full)
+            if statmod.S_ISLNK(st.st_mode):
+                raise LocalError(f"local path {d!r} is a symlink; refusing to write through it")
+            if not statmod.S_ISDIR(st.st_mode):
+                raise LocalError(f"file/directory conflict: local {d!r} is a file, so {rel!r} cannot be created under it")
+            with self._dirs_lock:
+                self._dirs_ok.add(d)
+        return os.path.join(self.dest, os.path.dirname(rel))
+
+    def _prepare(self, job: _Job) -> Optional[FileOutcome]:
+        item = job.item
+        final = os.path.join(self.dest, item.path)
+        parent = self._ensure_parent(item.path)
+        try:
+            st = os.lstat(final)
+        except FileNotFoundError:
+            st = None
+        if st is not None and statmod.S_ISDIR(st.st_mode):
+            raise LocalError(f"file/directory conflict: local {item.path!r} is a directory")
+        if item.verify and st is not None and statmod.S_ISREG(st.st_mode) and st.st_size == item.size:
+            want = plain_md5_etag(item.etag)
+            if want is not None and md5_file(final) == want:
+                return FileOutcome(item, True, adopted=True, mtime_ns=os.lstat(final).st_mtime_ns)
+        job.temp = os.path.join(parent, temp_name(item.path))
+        try:
+            job.fd = os.open(job.temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise DiskFull(f"no space left on the destination filesystem ({self.dest})") from None
+            raise LocalError(f"cannot create a temp file in {os.path.dirname(item.path) or '.'}/: {exc.strerror}") from None
+        job.prepared = True
+        if item.size > 0:
+            try:
+                os.posix_fallocate(job.fd, 0, item.size)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise DiskFull(f"no space left on the destination filesystem ({self.dest}) for {item.size} bytes") from None
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise LocalError(f"cannot allocate {item.path}: {exc.strerror}") from None
+        return None
+
+    def _discard(self, job: _Job) -> None:
+        if job.fd >= 0:
+            try:
+                os.close(job.fd)
+            except OSError:
+                pass
+            job.fd = -1
+        if job.temp:
+            try:
+                os.unlink(job.temp)
+            except OSError:
+                pass
+
+    def _finish(self, job: _Job) -> FileOutcome:
+        item = job.item
+        size = os.fstat(job.fd).st_size
+        if size != item.size:
+            raise RemoteError(f"size mismatch after download: {size} != {item.size}")
+        if job.verify_md5:
+            want = plain_md5_etag(item.etag)
+            got = job.md5.hexdigest() if job.md5 is not None else md5_file("", fd=job.fd)
+            if got != want:
+                raise RemoteError(f"checksum mismatch: MD5 {got} != ETag {want}")
+        os.close(job.fd)
+        job.fd = -1
+        final = os.path.join(self.dest, item.path)
+        try:
+            if os.path.isdir(final) and not os.path.islink(final):
+                raise LocalError(f"file/directory conflict: local {item.path!r} is a directory")
+            os.replace(job.temp, final)
+        except OSError as exc:
+            raise LocalError(f"cannot rename into place: {exc.strerror}") from None
+        return FileOutcome(item, True, mtime_ns=os.lstat(final).st_mtime_ns)
+
+    # -- the remote side --------------------------------------------------------------------
+    def _fetch(self, job: _Job, start: int, end: int, ranged: bool) -> None:
+        from botocore.exceptions import ClientError
+
+        item = job.item
+        offset = start
+        attempt = 0
+        while True:
+            if self.stop.is_set():
+                raise Stopped("stopped")
+            if job.error:
+                return
+            try:
+                kwargs = {"Bucket": self.bucket, "Key": item.key}
+                if item.etag:
+                    kwargs["IfMatch"] = item.etag
+                if ranged or offset > 0:
+                    kwargs["Range"] = f"bytes={offset}-{end}"
+                if item.size == 0:
+                    kwargs.pop("Range", None)
+                resp = self.s3.get_object(**kwargs)
+                if resp.get("ServerSideEncryption") in ("aws:kms", "aws:kms:dsse") or resp.get("SSECustomerAlgorithm"):
+                    job.verify_md5 = False  # the ETag is not an MD5 of the content
+                body = resp["Body"]
+                try:
+                    offset = self._copy(job, body, offset, end)
+                finally:
+                    body.close()
+                if offset <= end:
+                    raise _Truncated(f"body ended at byte {offset}, expected {end + 1}")
+                return
+            except ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                if code in ("PreconditionFailed", "412"):
+                    raise RemoteError("the object changed during the sync (ETag no longer matches); the next sync fetches it") from None
+                if code in ("NoSuchKey", "404"):
+                    raise RemoteError("the object was deleted during the sync") from None
+                if code in ("AccessDenied", "403"):
+                    raise RemoteError("access denied") from None
+                if not is_transient(exc):
+                    raise RemoteError(f"{code}: {exc}") from None
+                last: BaseException = exc
+            except (DiskFull, LocalError, Stopped, RemoteError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if not (isinstance(exc, _Truncated) or is_transient(exc)):
+                    raise
+                last = exc
+            attempt += 1
+            self.retries += 1
+            if attempt >= self.attempts:
+                raise RemoteError(f"gave up after {attempt} attempts: {type(last).__name__}: {last}")
+            if self.stop.wait(backoff(attempt)):
+                raise Stopped("stopped")
+
+    def _copy(self, job: _Job, body: Any, offset: int, end: int) -> int:
+        chunk = self.limiter.chunk
+        while offset <= end:
+            if self.stop.is_set():
+                raise Stopped("stopped")
+            data = body.read(min(chunk, end - offset + 1))
+            if not data:
+                break
+            self.limiter.consume(len(data))
+            try:
+                os.pwrite(job.fd, data, offset)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise DiskFull(f"no space left on the destination filesystem ({self.dest})") from None
+                raise LocalError(f"write failed: {exc.strerror}") from None
+            if job.md5 is not None:
+                job.md5.update(data)
+            offset += len(data)
+            self.on_bytes(len(data))
+        return offset
+
+
+class _Truncated(Exception):
+    pass
+
+
+def now() -> float:
+    return time.time()

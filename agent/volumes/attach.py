@@ -1,0 +1,285 @@
+"""EC2 side of a volume: find or create it, attach it to this instance, wait, detach.
+
+Choosing (which tagged volume, which snapshot, which device name) is pure and tested without AWS; the
+calls are thin. Idempotency across restarts: CreateVolume gets a ClientToken derived from what is
+being created, and before creating anything we look for a volume we already made (ownership tags).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import string
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+from agent.clock import SYSTEM_CLOCK, Clock
+from agent.volumes import tags as T
+
+DEVICE_LETTERS = string.ascii_lowercase[5:16]  # f..p, the range AWS recommends for EBS
+
+
+class AttachError(RuntimeError):
+    pass
+
+
+def delays(initial: float = 0.2, factor: float = 2.0, cap: float = 5.0) -> Iterable[float]:
+    d = initial
+    while True:
+        yield d
+        d = min(cap, d * factor)
+
+
+def wait_until(check: Callable[[], Optional[Any]], what: str, timeout: float, clock: Clock = SYSTEM_CLOCK,
+               initial: float = 0.2, cap: float = 5.0) -> Any:
+    """Poll ``check`` with exponential backoff until it returns something truthy, or raise."""
+    deadline = clock.monotonic() + timeout
+    last_error = ""
+    for d in delays(initial, cap=cap):
+        try:
+            value = check()
+            if value:
+                return value
+        except AttachError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - transient API errors are retried until the deadline
+            last_error = f" (last error: {exc})"
+        remaining = deadline - clock.monotonic()
+        if remaining <= 0:
+            raise AttachError(f"timed out after {timeout:g}s waiting for {what}{last_error}")
+        clock.sleep(min(d, remaining))
+    raise AssertionError("unreachable")
+
+
+def client_token(*parts: str) -> str:
+    """Deterministic per (instance, volume name, source): a retry after a crash creates nothing new."""
+    return "spot-agent-" + hashlib.sha256("\0".join(parts).encode()).hexdigest()[:48]
+
+
+def pick_device_name(used: Iterable[str], preferred: str = "") -> str:
+    """First free /dev/sd[f-p]; a name counts as used in its sdX and xvdX spellings."""
+    taken = set()
+    for name in used:
+        base = name.rsplit("/", 1)[-1]
+        for prefix in ("xvd", "sd"):
+            if base.startswith(prefix):
+                taken.add(base[len(prefix):])
+                break
+        else:
+            taken.add(base)
+    if preferred:
+        letter = preferred.rsplit("/", 1)[-1]
+        for prefix in ("xvd", "sd"):
+            if letter.startswith(prefix):
+                letter = letter[len(prefix):]
+                break
+        if letter not in taken:
+            return preferred
+    for letter in DEVICE_LETTERS:
+        if letter not in taken:
+            return f"/dev/sd{letter}"
+    raise AttachError("no free device name in /dev/sdf../dev/sdp on this instance")
+
+
+def attachment_to(volume: Dict[str, Any], instance_id: str) -> Optional[Dict[str, Any]]:
+    for att in volume.get("Attachments") or []:
+        if att.get("InstanceId") == instance_id and att.get("State") in ("attaching", "attached"):
+            return att
+    return None
+
+
+def others_attached(volume: Dict[str, Any], instance_id: str) -> List[str]:
+    return [a["InstanceId"] for a in volume.get("Attachments") or []
+            if a.get("InstanceId") != instance_id and a.get("State") in ("attaching", "attached", "busy")]
+
+
+@dataclass(frozen=True)
+class TagChoice:
+    volume: Optional[Dict[str, Any]]
+    other_az: Optional[Dict[str, Any]]  # a match outside our AZ, when nothing here matched
+    ignored: Tuple[str, ...] = ()  # "vol-1 (in-use by i-2)", for the error message
+
+
+def choose_tagged_volume(volumes: List[Dict[str, Any]], az: str, instance_id: str, multi_attach: bool = False) -> TagChoice:
+    """Ours already (attached to this instance) first, then the oldest available one in our AZ."""
+    ignored = []
+    mine = [v for v in volumes if attachment_to(v, instance_id)]
+    if mine:
+        return TagChoice(sorted(mine, key=lambda v: v["VolumeId"])[0], None)
+    usable = []
+    for v in volumes:
+        state = v.get("State")
+        if state == "available":
+            usable.append(v)
+        elif state == "in-use" and multi_attach and v.get("MultiAttachEnabled"):
+            usable.append(v)
+        else:
+            who = ", ".join(others_attached(v, instance_id)) or state
+            ignored.append(f"{v['VolumeId']} ({state} by {who})" if state == "in-use" else f"{v['VolumeId']} ({state})")
+    key = lambda v: (str(v.get("CreateTime", "")), v["VolumeId"])  # noqa: E731
+    here = sorted((v for v in usable if v.get("AvailabilityZone") == az), key=key)
+    if here:
+        return TagChoice(here[0], None, tuple(ignored))
+    there = sorted(usable, key=key)
+    return TagChoice(None, there[0] if there else None, tuple(ignored))
+
+
+def choose_latest_snapshot(snapshots: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The newest *completed* snapshot; a pending one may never finish."""
+    done = [s for s in snapshots if s.get("State") == "completed"]
+    if not done:
+        return None
+    return max(done, key=lambda s: (s.get("StartTime"), s["SnapshotId"]))
+
+
+# ---- calls --------------------------------------------------------------------------------------
+
+
+def describe_volume(ec2: Any, volume_id: str) -> Dict[str, Any]:
+    try:
+        vols = ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"]
+    except Exception as exc:  # noqa: BLE001
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+        if code in ("InvalidVolume.NotFound", "InvalidVolumeID.NotFound"):
+            raise AttachError(f"volume {volume_id} does not exist") from None
+        raise
+    if not vols:
+        raise AttachError(f"volume {volume_id} does not exist")
+    return vols[0]
+
+
+def find_tagged(ec2: Any, wanted: Dict[str, str]) -> List[Dict[str, Any]]:
+    out: List[Dict[str, Any]] = []
+    kwargs: Dict[str, Any] = {"Filters": T.filters(wanted)}
+    while True:
+        page = ec2.describe_volumes(**kwargs)
+        out.extend(v for v in page["Volumes"] if v.get("State") not in ("deleting", "deleted", "error"))
+        token = page.get("NextToken")
+        if not token:
+            return out
+        kwargs["NextToken"] = token
+
+
+def find_snapshots(ec2: Any, wanted: Dict[str, str]) -> List[Dict[str, Any]]:
+    out: List[Dict[str, Any]] = []
+    kwargs: Dict[str, Any] = {"Filters": T.filters(wanted), "OwnerIds": ["self"]}
+    while True:
+        page = ec2.describe_snapshots(**kwargs)
+        out.extend(page["Snapshots"])
+        token = page.get("NextToken")
+        if not token:
+            return out
+        kwargs["NextToken"] = token
+
+
+def describe_snapshot(ec2: Any, snapshot_id: str) -> Dict[str, Any]:
+    try:
+        snaps = ec2.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"]
+    except Exception as exc:  # noqa: BLE001
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+        if code.startswith("InvalidSnapshot"):
+            raise AttachError(f"snapshot {snapshot_id} does not exist") from None
+        raise
+    if not snaps:
+        raise AttachError(f"snapshot {snapshot_id} does not exist")
+    return snaps[0]
+
+
+def create_volume(ec2: Any, az: str, token: str, tags: Dict[str, str], size_gib: int = 0, volume_type: str = "gp3",
+                  iops: int = 0, throughput: int = 0, encrypted: bool = True, kms_key_id: str = "",
+                  snapshot_id: str = "", multi_attach: bool = False) -> str:
+    kwargs: Dict[str, Any] = {
+        "AvailabilityZone": az,
+        "VolumeType": volume_type,
+        "ClientToken": token,
+        "TagSpecifications": T.tag_specs("volume", tags),
+    }
+    if size_gib:
+        kwargs["Size"] = int(size_gib)
+    if snapshot_id:
+        kwargs["SnapshotId"] = snapshot_id
+    if iops:
+        kwargs["Iops"] = int(iops)
+    if throughput and volume_type == "gp3":
+        kwargs["Throughput"] = int(throughput)
+    if encrypted:
+        kwargs["Encrypted"] = True
+        if kms_key_id:
+            kwargs["KmsKeyId"] = kms_key_id
+    if multi_attach:
+        kwargs["MultiAttachEnabled"] = True
+    return ec2.create_volume(**kwargs)["VolumeId"]
+
+
+def wait_available(ec2: Any, volume_id: str, clock: Clock, timeout: float) -> Dict[str, Any]:
+    def check() -> Optional[Dict[str, Any]]:
+        vol = describe_volume(ec2, volume_id)
+        if vol["State"] == "error":
+            raise AttachError(f"volume {volume_id} went into state error")
+        return vol if vol["State"] in ("available", "in-use") else None
+
+    return wait_until(check, f"volume {volume_id} to become available", timeout, clock)
+
+
+def used_device_names(ec2: Any, instance_id: str) -> List[str]:
+    res = ec2.describe_instances(InstanceIds=[instance_id])
+    names: List[str] = []
+    for r in res.get("Reservations", []):
+        for inst in r.get("Instances", []):
+            if inst.get("RootDeviceName"):
+                names.append(inst["RootDeviceName"])
+            names.extend(m["DeviceName"] for m in inst.get("BlockDeviceMappings", []))
+    return names
+
+
+def attach(ec2: Any, volume_id: str, instance_id: str, device_name: str) -> None:
+    ec2.attach_volume(VolumeId=volume_id, InstanceId=instance_id, Device=device_name)
+
+
+def wait_attached(ec2: Any, volume_id: str, instance_id: str, clock: Clock, timeout: float) -> str:
+    """Wait for the attachment to reach ``attached``; returns the attach device name."""
+    def check() -> Optional[str]:
+        att = attachment_to(describe_volume(ec2, volume_id), instance_id)
+        if att is None:
+            return None
+        return att["Device"] if att.get("State") == "attached" else None
+
+    return wait_until(check, f"volume {volume_id} to attach to {instance_id}", timeout, clock)
+
+
+def set_delete_on_termination(ec2: Any, instance_id: str, device_name: str, value: bool) -> None:
+    ec2.modify_instance_attribute(InstanceId=instance_id, BlockDeviceMappings=[
+        {"DeviceName": device_name, "Ebs": {"DeleteOnTermination": bool(value)}}])
+
+
+def detach(ec2: Any, volume_id: str, instance_id: str, clock: Clock, timeout: float) -> bool:
+    """Detach from this instance and wait; False when it was not attached here."""
+    vol = describe_volume(ec2, volume_id)
+    if attachment_to(vol, instance_id) is None:
+        return False
+    ec2.detach_volume(VolumeId=volume_id, InstanceId=instance_id)
+    wait_until(lambda: attachment_to(describe_volume(ec2, volume_id), instance_id) is None,
+               f"volume {volume_id} to detach from {instance_id}", timeout, clock)
+    return True
+
+
+def snapshot_for_copy(ec2: Any, volume_id: str, tags: Dict[str, str], clock: Clock, timeout: float) -> str:
+    """Snapshot a volume in another AZ (to re-create it here) and wait for it to complete.
+
+    CreateSnapshot takes no ClientToken: a snapshot we already started for this copy is found by tag.
+    """
+    existing = [s for s in find_snapshots(ec2, dict(tags, **{T.PURPOSE: "copy-across-az"}))
+                if s.get("VolumeId") == volume_id and s.get("State") in ("pending", "completed")]
+    if existing:
+        snap_id = sorted(existing, key=lambda s: s["SnapshotId"])[0]["SnapshotId"]
+    else:
+        snap_id = ec2.create_snapshot(
+            VolumeId=volume_id, Description=f"spot-agent copy of {volume_id} across AZs",
+            TagSpecifications=T.tag_specs("snapshot", dict(tags, **{T.PURPOSE: "copy-across-az"})))["SnapshotId"]
+
+    def check() -> Optional[str]:
+        snap = describe_snapshot(ec2, snap_id)
+        if snap["State"] == "error":
+            raise AttachError(f"snapshot {snap_id} of {volume_id} failed")
+        return snap_id if snap["State"] == "completed" else None
+
+    return wait_until(check, f"snapshot {snap_id} of {volume_id} to complete", timeout, clock)

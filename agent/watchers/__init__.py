@@ -1,0 +1,1 @@
+"""Watchers: one per event source (IMDS, OS signals), each emitting typed events to one callback."""
