@@ -118,9 +118,13 @@ class LocalBlockDevices:
                 os.unlink(path)
 
     def _losetup(self, path: str) -> str:
-        return self.runner.run(["losetup", "--find", "--show", path], timeout=60).stdout.strip()
+        loop = self.runner.run(["losetup", "--find", "--show", path], timeout=60).stdout.strip()
+        # The kernel keeps a node's read-only flag (blockdev --setro) across loop reuse: start clean.
+        self.runner.run(["blockdev", "--setrw", loop], timeout=30, check=False)
+        return loop
 
     def _detach_loop(self, loop: str) -> None:
+        self.runner.run(["blockdev", "--setrw", loop], timeout=30, check=False)
         self.runner.run(["losetup", "-d", loop], timeout=60, check=False)
 
     @staticmethod

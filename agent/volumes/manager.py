@@ -1,0 +1,432 @@
+"""Bring the configured volumes up at boot (and down on request), recording each step in state.
+
+Order per EBS volume: find or create it (idempotently), attach it, wait for its block device, wait for
+it to settle, probe, format only if blank, grow ext4 offline, mount by UUID, grow XFS online, write
+fstab / mount unit, read every block if asked. Each volume's outcome is a :class:`VolumeResult`; the
+daemon holds READY until every required one is ``ok``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+from agent import metrics
+from agent.clock import SYSTEM_CLOCK, Clock
+from agent.config import HostSection, VolumeSection
+from agent.identity import InstanceIdentity
+from agent.runner import Runner
+from agent.state import StateStore
+from agent.volumes import attach as A
+from agent.volumes import filesystem as F
+from agent.volumes import instance_store as IS
+from agent.volumes import tags as T
+from agent.volumes.device_resolver import instance_store_disks, resolve, scan_tree
+from agent.volumes.initialize import initialize
+from agent.volumes.model import MountedVolume
+from agent.volumes.probe import ProbeError, probe, wait_settled
+
+log = logging.getLogger(__name__)
+SECTION = "volumes"
+
+
+class VolumeError(RuntimeError):
+    pass
+
+
+@dataclass
+class VolumeResult:
+    name: str
+    ok: bool
+    required: bool
+    volume_id: str = ""
+    device: str = ""
+    mountpoint: str = ""
+    error: str = ""
+    seconds: float = 0.0
+    actions: List[str] = field(default_factory=list)  # what was done: "created", "attached", "formatted", ...
+    warnings: List[str] = field(default_factory=list)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+Progress = Callable[[str], None]
+
+
+class VolumeManager:
+    def __init__(self, volumes: List[VolumeSection], host: HostSection, clients: Any, identity: InstanceIdentity,
+                 state: StateStore, runner: Runner, clock: Clock = SYSTEM_CLOCK,
+                 mountinfo: str = "/proc/self/mountinfo", settle_timeout: float = 10.0,
+                 snapshot_timeout: float = 1800.0) -> None:
+        self.volumes = list(volumes)
+        self.host = host
+        self.clients = clients
+        self.identity = identity
+        self.state = state
+        self.runner = runner
+        self.clock = clock
+        self.mountinfo = mountinfo
+        self.settle_timeout = settle_timeout
+        self.snapshot_timeout = snapshot_timeout
+
+    # ---- public ---------------------------------------------------------------------------------
+
+    def mounted(self) -> Dict[str, MountedVolume]:
+        out = {}
+        for name, rec in (self.state.get(SECTION, {}) or {}).items():
+            if rec.get("mounted"):
+                out[name] = MountedVolume.from_dict(rec)
+        return out
+
+    def records(self) -> Dict[str, Dict[str, Any]]:
+        return self.state.get(SECTION, {}) or {}
+
+    def up(self, names: Optional[List[str]] = None, progress: Progress = lambda msg: None) -> List[VolumeResult]:
+        results = []
+        for vol in self._select(names):
+            started = self.clock.monotonic()
+            result = VolumeResult(name=vol.name, ok=False, required=vol.required, mountpoint=vol.mount)
+            try:
+                progress(f"volume {vol.name}: starting")
+                self._up_one(vol, result, progress)
+                result.ok = True
+                progress(f"volume {vol.name}: mounted at {vol.mount}")
+            except Exception as exc:  # noqa: BLE001 - every failure becomes this volume's error line
+                if not isinstance(exc, (VolumeError, A.AttachError, F.FilesystemError, ProbeError, IS.InstanceStoreError)):
+                    log.exception("volume %s", vol.name)
+                result.error = f"{type(exc).__name__}: {exc}" if not isinstance(
+                    exc, (VolumeError, A.AttachError, F.FilesystemError, ProbeError, IS.InstanceStoreError)) else str(exc)
+                metrics.VOLUME_FAILURES.labels(volume=vol.name).inc()
+                progress(f"volume {vol.name}: FAILED: {result.error}")
+            result.seconds = self.clock.monotonic() - started
+            results.append(result)
+        return results
+
+    def down(self, names: Optional[List[str]] = None) -> List[VolumeResult]:
+        results = []
+        for vol in self._select(names):
+            started = self.clock.monotonic()
+            rec = self.records().get(vol.name, {})
+            result = VolumeResult(name=vol.name, ok=False, required=vol.required, mountpoint=vol.mount,
+                                  volume_id=rec.get("volume_id", ""), device=rec.get("device", ""))
+            try:
+                if F.unmount(vol.mount, self.runner, self.mountinfo):
+                    result.actions.append("unmounted")
+                metrics.MOUNTED_VOLUMES.unset(vol.name)
+                self._save(vol.name, mounted=False)
+                vid = rec.get("volume_id", "")
+                if vid and self.clients is not None:
+                    if A.detach(self.clients.ec2, vid, self.identity.instance_id, self.clock, vol.attach_timeout):
+                        result.actions.append("detached")
+                    self._save(vol.name, attached=False)
+                result.ok = True
+            except Exception as exc:  # noqa: BLE001
+                result.error = str(exc)
+            result.seconds = self.clock.monotonic() - started
+            results.append(result)
+        return results
+
+    # ---- one volume -----------------------------------------------------------------------------
+
+    def _select(self, names: Optional[List[str]]) -> List[VolumeSection]:
+        if not names:
+            return list(self.volumes)
+        known = {v.name: v for v in self.volumes}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise VolumeError(f"no [[volumes]] named {', '.join(unknown)} (configured: {', '.join(known) or 'none'})")
+        return [known[n] for n in names]
+
+    def _save(self, key: str, **fields: Any) -> Dict[str, Any]:
+        with self.state._lock:  # read-modify-write of one entry in our section
+            all_ = self.state.get(SECTION, {}) or {}
+            rec = all_.get(key, {})
+            rec.update(fields)
+            all_[key] = rec
+            self.state.set(SECTION, all_)
+            return rec
+
+    def _up_one(self, vol: VolumeSection, result: VolumeResult, progress: Progress) -> None:
+        rec = self.records().get(vol.name, {})
+        if vol.instance_store:
+            device = self._instance_store_device(vol, result, progress)
+            self._format_and_mount(vol, device, "", rec, result, progress, from_snapshot=False,
+                                   read_only=vol.read_only, multi=False)
+            return
+        if self.clients is None:
+            raise VolumeError("needs AWS clients (EC2) for an EBS volume")
+        volume = self._find_or_create(vol, rec, result, progress)
+        vid = volume["VolumeId"]
+        result.volume_id = vid
+        multi = vol.multi_attach or bool(volume.get("MultiAttachEnabled"))
+        read_only = vol.read_only or multi
+        if multi and not vol.multi_attach:
+            result.warnings.append(f"{vid} is multi-attach enabled: mounting it read-only, never formatting it")
+        attach_device = self._attach(vol, volume, result, progress)
+        device = self._wait_for_device(vol, vid, attach_device, progress)
+        result.device = device
+        self._save(vol.name, device=device)
+        self._format_and_mount(vol, device, vid, self.records().get(vol.name, {}), result, progress,
+                               from_snapshot=bool(volume.get("SnapshotId")), read_only=read_only, multi=multi)
+
+    def _find_or_create(self, vol: VolumeSection, rec: Dict[str, Any], result: VolumeResult,
+                        progress: Progress) -> Dict[str, Any]:
+        ec2 = self.clients.ec2
+        iid, az = self.identity.instance_id, self.identity.availability_zone
+        if rec.get("volume_id"):
+            try:
+                known = A.describe_volume(ec2, rec["volume_id"])
+                if known.get("State") in ("available", "in-use", "creating"):
+                    return A.wait_available(ec2, known["VolumeId"], self.clock, vol.attach_timeout)
+            except A.AttachError:
+                pass  # deleted since: find the source again
+        if vol.volume_id:
+            volume = A.describe_volume(ec2, vol.volume_id)
+            if volume.get("AvailabilityZone") != az:
+                ours = self._ours(vol)
+                if ours is not None:
+                    return self._remember(vol, ours, created=True)
+                return self._other_az(vol, volume, result, progress)
+            return self._remember(vol, volume, created=False)
+        ours = self._ours(vol)
+        if ours is not None:
+            return self._remember(vol, ours, created=bool(rec.get("created", True)))
+        if vol.tags:
+            found = A.find_tagged(ec2, vol.tags)
+            choice = A.choose_tagged_volume(found, az, iid, vol.multi_attach)
+            if choice.volume is not None:
+                return self._remember(vol, choice.volume, created=False)
+            if choice.other_az is not None:
+                return self._other_az(vol, choice.other_az, result, progress)
+            if vol.create is None:
+                ignored = f" (ignored: {', '.join(choice.ignored)})" if choice.ignored else ""
+                raise VolumeError(f"no available volume with tags {_fmt_tags(vol.tags)} in {az}{ignored}; "
+                                  f"add create = {{ size_gib = ... }} to create one when none matches")
+            progress(f"volume {vol.name}: no volume with tags {_fmt_tags(vol.tags)}: creating {vol.create.size_gib} GiB {vol.create.type}")
+            return self._create(vol, result, extra_tags=dict(vol.tags), purpose="persistent", token_source="tags")
+        snapshot_id = vol.snapshot_id
+        if vol.latest_snapshot:
+            snap = A.choose_latest_snapshot(A.find_snapshots(ec2, vol.latest_snapshot))
+            if snap is None:
+                if vol.create is None:
+                    raise VolumeError(f"no completed snapshot with tags {_fmt_tags(vol.latest_snapshot)}; "
+                                      f"add create = {{ size_gib = ... }} to start from an empty volume instead")
+                progress(f"volume {vol.name}: no snapshot with tags {_fmt_tags(vol.latest_snapshot)}: creating an empty one")
+                return self._create(vol, result, token_source="latest_snapshot:none")
+            snapshot_id = snap["SnapshotId"]
+            result.actions.append(f"chose {snapshot_id}")
+        if snapshot_id:
+            snap = A.describe_snapshot(ec2, snapshot_id)
+            if snap.get("State") != "completed":
+                raise VolumeError(f"snapshot {snapshot_id} is {snap.get('State')}, not completed")
+            progress(f"volume {vol.name}: creating a volume from {snapshot_id}")
+            return self._create(vol, result, snapshot=snap, token_source=snapshot_id)
+        return self._create(vol, result, token_source="create")
+
+    def _ours(self, vol: VolumeSection) -> Optional[Dict[str, Any]]:
+        """A volume we created for this name on this instance before a crash or restart."""
+        mine = A.find_tagged(self.clients.ec2, T.ownership(self.identity.instance_id, vol.name))
+        mine = [v for v in mine if v.get("AvailabilityZone") == self.identity.availability_zone]
+        if not mine:
+            return None
+        choice = A.choose_tagged_volume(mine, self.identity.availability_zone, self.identity.instance_id, vol.multi_attach)
+        return choice.volume
+
+    def _remember(self, vol: VolumeSection, volume: Dict[str, Any], created: bool) -> Dict[str, Any]:
+        self._save(vol.name, name=vol.name, volume_id=volume["VolumeId"], created=created,
+                   az=volume.get("AvailabilityZone", ""), snapshot_id=volume.get("SnapshotId") or "")
+        if volume.get("State") == "creating":
+            return A.wait_available(self.clients.ec2, volume["VolumeId"], self.clock, vol.attach_timeout)
+        return volume
+
+    def _create(self, vol: VolumeSection, result: VolumeResult, snapshot: Optional[Dict[str, Any]] = None,
+                extra_tags: Optional[Dict[str, str]] = None, purpose: str = "volume", token_source: str = "") -> Dict[str, Any]:
+        iid, az = self.identity.instance_id, self.identity.availability_zone
+        spec = vol.create
+        tags = dict(extra_tags or {})
+        tags.update(T.ownership(iid, vol.name, purpose))
+        if "Name" not in tags:
+            tags["Name"] = f"spot-agent {vol.name}"
+        size = spec.size_gib if spec else 0
+        if snapshot is not None:
+            size = max(size, int(snapshot.get("VolumeSize") or 0))
+        elif not size:
+            raise VolumeError("needs create = { size_gib = ... } to create a volume")
+        token = A.client_token(iid, vol.name, token_source)
+        self._save(vol.name, name=vol.name, client_token=token, creating=True)
+        vid = A.create_volume(
+            self.clients.ec2, az, token, tags, size_gib=size,
+            volume_type=spec.type if spec else "gp3", iops=spec.iops if spec else 0,
+            throughput=spec.throughput if spec else 0, encrypted=spec.encrypted if spec else bool(snapshot and snapshot.get("Encrypted")),
+            kms_key_id=spec.kms_key_id if spec else "", snapshot_id=snapshot["SnapshotId"] if snapshot else "")
+        result.actions.append("created")
+        self._save(vol.name, volume_id=vid, created=True, creating=False, az=az,
+                   snapshot_id=snapshot["SnapshotId"] if snapshot else "")
+        return A.wait_available(self.clients.ec2, vid, self.clock, vol.attach_timeout)
+
+    def _other_az(self, vol: VolumeSection, volume: Dict[str, Any], result: VolumeResult, progress: Progress) -> Dict[str, Any]:
+        vid, there, here = volume["VolumeId"], volume.get("AvailabilityZone"), self.identity.availability_zone
+        if not vol.copy_across_az:
+            raise VolumeError(f"volume {vid} is in {there} but this instance is in {here}; "
+                              f"set copy_across_az = true to snapshot it and create a copy here")
+        progress(f"volume {vol.name}: copying {vid} from {there} to {here} (snapshot, then create)")
+        own = T.ownership(self.identity.instance_id, vol.name)
+        snap_id = A.snapshot_for_copy(self.clients.ec2, vid, own, self.clock, self.snapshot_timeout)
+        result.actions.append(f"snapshotted {vid} as {snap_id}")
+        keep = {k: v for k, v in T.as_dict(volume.get("Tags")).items() if not k.startswith(("aws:", "spot-agent:"))}
+        keep["spot-agent:copied-from"] = vid
+        snap = A.describe_snapshot(self.clients.ec2, snap_id)
+        return self._create(vol, result, snapshot=snap, extra_tags=keep,
+                            purpose="persistent" if vol.tags else "volume", token_source=f"copy:{vid}")
+
+    def _attach(self, vol: VolumeSection, volume: Dict[str, Any], result: VolumeResult, progress: Progress) -> str:
+        ec2, iid = self.clients.ec2, self.identity.instance_id
+        vid = volume["VolumeId"]
+        att = A.attachment_to(volume, iid)
+        if att is not None:
+            name = att["Device"] if att.get("State") == "attached" else A.wait_attached(ec2, vid, iid, self.clock, vol.attach_timeout)
+            self._save(vol.name, attach_device=name, attached=True)
+            return name
+        others = A.others_attached(volume, iid)
+        if others and not (volume.get("MultiAttachEnabled") and vol.multi_attach):
+            raise VolumeError(f"volume {vid} is attached to {', '.join(others)}; refusing to take it")
+        name = A.pick_device_name(A.used_device_names(ec2, iid), vol.device_name)
+        progress(f"volume {vol.name}: attaching {vid} as {name}")
+        self._save(vol.name, attach_device=name)
+        A.attach(ec2, vid, iid, name)
+        name = A.wait_attached(ec2, vid, iid, self.clock, vol.attach_timeout)
+        result.actions.append("attached")
+        self._save(vol.name, attach_device=name, attached=True)
+        if vol.delete_on_termination:
+            A.set_delete_on_termination(ec2, iid, name, True)
+        return name
+
+    def _wait_for_device(self, vol: VolumeSection, vid: str, attach_device: str, progress: Progress) -> str:
+        progress(f"volume {vol.name}: waiting for the block device of {vid}")
+        last = {}
+
+        def check() -> Optional[str]:
+            res = resolve(vid, scan_tree(self.host.dev_root, self.host.sys_root), attach_device)
+            last["res"] = res
+            if res.refused:
+                raise A.AttachError(f"refusing the device found for {vid}: {res.refused}")
+            return res.device or None
+
+        try:
+            return A.wait_until(check, "x", vol.attach_timeout, self.clock, initial=0.05, cap=1.0)
+        except A.AttachError as exc:
+            if "refusing" in str(exc):
+                raise
+            looked = last.get("res").looked if last.get("res") is not None else ""
+            raise VolumeError(f"volume {vid} is attached as {attach_device} but no block device for it appeared "
+                              f"within {vol.attach_timeout:g}s (looked for {looked})") from None
+
+    def _instance_store_device(self, vol: VolumeSection, result: VolumeResult, progress: Progress) -> str:
+        disks = instance_store_disks(scan_tree(self.host.dev_root, self.host.sys_root))
+        md = os.path.exists(IS.md_device(vol.name))
+        probes = [] if md else [probe(d, self.runner) for d in disks]
+        plan = IS.plan(vol.name, disks, probes, IS.md_available())
+        if plan.warning:
+            result.warnings.append(plan.warning)
+            progress(f"volume {vol.name}: {plan.warning}")
+        if plan.kind != "single":
+            progress(f"volume {vol.name}: RAID0 over {len(plan.disks)} instance-store disks")
+        device = IS.build(plan, self.runner)
+        if plan.kind == "raid0":
+            result.actions.append("raid0 created")
+        result.device = device
+        self._save(vol.name, name=vol.name, volume_id="", device=device, disks=plan.disks)
+        return device
+
+    def _format_and_mount(self, vol: VolumeSection, device: str, vid: str, rec: Dict[str, Any], result: VolumeResult,
+                          progress: Progress, from_snapshot: bool, read_only: bool, multi: bool) -> None:
+        runner = self.runner
+        mounts = F.read_mounts(self.mountinfo)
+        dev = F.major_minor(device)
+        here = F.mount_at(mounts, vol.mount)
+        already = here is not None and here.major_minor == dev
+        if not already:
+            wait_settled(device, runner, self.clock, self.settle_timeout)
+        size = _size(device)
+        found = probe(device, runner)
+        if found.pt_type:
+            raise VolumeError(f"{device} ({vid or 'instance store'}) holds {found.describe()}; refusing to format or mount it")
+        if found.blank:
+            if already:
+                raise VolumeError(f"{vol.mount} has {device} mounted but the device probes blank")
+            if read_only or multi:
+                kind = "multi-attach" if multi else "read-only"
+                raise VolumeError(f"{device} ({vid}) is blank, and a {kind} volume is never formatted")
+            if from_snapshot:
+                raise VolumeError(f"{device} ({vid}) was created from a snapshot but shows no filesystem; refusing to format it")
+            progress(f"volume {vol.name}: formatting blank {device} as {vol.fs}")
+            F.mkfs(device, vol.fs, found, runner, label=vol.name)
+            result.actions.append("formatted")
+            found = probe(device, runner)
+        elif found.fs_type != vol.fs:
+            raise VolumeError(f"{device} ({vid or 'instance store'}) holds {found.describe()}, not {vol.fs} as configured; "
+                              f"refusing to format or mount it")
+        uuid = found.uuid
+        if not uuid:
+            raise VolumeError(f"{device} has a {found.fs_type} filesystem without a UUID")
+        if not already and not read_only and vol.fs == "ext4":
+            grown = F.grow_ext4_offline(device, size, runner)
+            if grown:
+                result.actions.append(f"grew ext4 {grown[0]} -> {grown[1]} bytes (offline)")
+        holders = F.uuid_holders(uuid, runner)
+        clone = len([h for h in holders if os.path.realpath(h) != os.path.realpath(device)]) > 0
+        options = F.mount_options(vol.fs, vol.mount_options, read_only, multi, xfs_clone=clone or (from_snapshot and vol.fs == "xfs"))
+        if multi and not already:
+            runner.run(["blockdev", "--setro", device], timeout=30, check=False)
+        outcome = F.mount(device, uuid, vol.mount, vol.fs, options, runner, by_uuid=not clone, mountinfo=self.mountinfo)
+        if outcome == "mounted":
+            result.actions.append("mounted")
+        if not read_only:
+            try:
+                if vol.fs == "xfs":
+                    grown = F.grow_xfs_online(vol.mount, size, runner)
+                    if grown:
+                        result.actions.append(f"grew xfs {grown[0]} -> {grown[1]} bytes (online)")
+                elif already:
+                    grown = F.grow_ext4_online(device, vol.mount, size, runner)
+                    if grown:
+                        result.actions.append(f"grew ext4 {grown[0]} -> {grown[1]} bytes (online)")
+            except F.FilesystemError as exc:
+                result.warnings.append(str(exc))
+                progress(f"volume {vol.name}: {exc}")
+        if vol.fstab:
+            line = F.fstab_line(uuid, vol.mount, vol.fs, options, vol.name)
+            if F.write_fstab(self.host.fstab, line, vol.mount, vol.name):
+                result.actions.append(f"wrote {self.host.fstab}")
+        if vol.mount_unit:
+            path = F.write_mount_unit(self.host.unit_dir, F.mount_unit_text(uuid, vol.mount, vol.fs, options, vol.name), vol.mount)
+            result.actions.append(f"wrote {path}")
+        if vol.initialize and not rec.get("initialized"):
+            progress(f"volume {vol.name}: reading every block of {device} once")
+
+            def report(done: int, total: int) -> None:
+                progress(f"volume {vol.name}: initialized {done * 100 // max(total, 1)}% of {total >> 20} MiB")
+
+            init = initialize(device, report, self.clock)
+            mib_s = init.throughput / (1 << 20)
+            result.actions.append(f"initialized {init.bytes_read} bytes at {mib_s:.1f} MiB/s")
+            progress(f"volume {vol.name}: initialized {init.bytes_read >> 20} MiB in {init.seconds:.1f}s ({mib_s:.1f} MiB/s)")
+            self._save(vol.name, initialized=True, init_seconds=round(init.seconds, 3), init_mib_s=round(mib_s, 1))
+        mv = MountedVolume(name=vol.name, volume_id=vid, device=device, mountpoint=vol.mount, fs=vol.fs,
+                           read_only=read_only, multi_attach=multi, snapshot_on_drain=vol.snapshot_on_drain and not multi)
+        self._save(vol.name, mounted=True, uuid=uuid, options=options, **mv.to_dict())
+        result.device = device
+        metrics.MOUNTED_VOLUMES.set(vol.name, vol.mount, device)
+
+
+def _size(device: str) -> int:
+    from agent.volumes.probe import device_size
+
+    return device_size(device)
+
+
+def _fmt_tags(tags: Dict[str, str]) -> str:
+    return "{" + ", ".join(f"{k}={v}" for k, v in sorted(tags.items())) + "}"
