@@ -124,37 +124,39 @@ class HookSection:
 
 @dataclass
 class CreateSpec:
-    size_gib: int = field(metadata={"min": 1, "max": 65536, "doc": "size of a new volume"})
-    type: str = field(default="gp3", metadata={"choices": ["gp2", "gp3", "io1", "io2", "st1", "sc1", "standard"]})
-    iops: int = field(default=0, metadata={"min": 0, "doc": "0: the type's default"})
+    size_gib: int = field(metadata={"min": 1, "max": 65536, "doc": "size of a new volume, GiB (from a snapshot: at least the snapshot's size)"})
+    type: str = field(default="gp3", metadata={"choices": ["gp2", "gp3", "io1", "io2", "st1", "sc1", "standard"], "doc": "EBS volume type"})
+    iops: int = field(default=0, metadata={"min": 0, "doc": "0: the type's default (io1/io2 need a value)"})
     throughput: int = field(default=0, metadata={"min": 0, "doc": "MiB/s for gp3; 0: default"})
-    encrypted: bool = True
-    kms_key_id: str = ""
+    encrypted: bool = field(default=True, metadata={"doc": "encrypt the new volume"})
+    kms_key_id: str = field(default="", metadata={"doc": "KMS key for encryption; empty: the account's EBS default key"})
 
 
 @dataclass
 class VolumeSection:
-    name: str = field(metadata={"check": lambda v: None if re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", v) else f"must be 1-63 letters, digits, '.', '_' or '-', got {v!r}"})
-    mount: str = field(metadata={"check": lambda v: _absolute(v) or (None if v != "/" else "must not be /")})
-    fs: str = field(default="xfs", metadata={"choices": ["ext4", "xfs"]})
-    volume_id: str = field(default="", metadata={"check": lambda v: None if not v or re.match(r"^vol-[0-9a-f]{8,17}$", v) else f"not a volume id: {v!r}"})
-    tags: Dict[str, str] = field(default_factory=dict, metadata={"doc": "an available volume with these tags in this AZ"})
-    snapshot_id: str = field(default="", metadata={"check": lambda v: None if not v or re.match(r"^snap-[0-9a-f]{8,17}$", v) else f"not a snapshot id: {v!r}"})
-    latest_snapshot: Dict[str, str] = field(default_factory=dict, metadata={"doc": "the newest completed snapshot with these tags"})
-    create: Optional[CreateSpec] = field(default=None, metadata={"doc": "a new volume; with tags or latest_snapshot: used when nothing matches"})
-    instance_store: bool = field(default=False, metadata={"doc": "NVMe instance-store disks as scratch (RAID0 when several)"})
-    delete_on_termination: bool = False
-    read_only: bool = False
+    name: str = field(metadata={"check": lambda v: None if re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", v) else f"must be 1-63 letters, digits, '.', '_' or '-', got {v!r}",
+                                "doc": "name used in state, tags (spot-agent:volume-name), metrics and the CLI"})
+    mount: str = field(metadata={"check": lambda v: _absolute(v) or (None if v != "/" else "must not be /"), "doc": "absolute mount point, created if missing"})
+    fs: str = field(default="xfs", metadata={"choices": ["ext4", "xfs"], "doc": "filesystem made on a blank volume and expected on one with data"})
+    volume_id: str = field(default="", metadata={"check": lambda v: None if not v or re.match(r"^vol-[0-9a-f]{8,17}$", v) else f"not a volume id: {v!r}", "doc": "source: this volume"})
+    tags: Dict[str, str] = field(default_factory=dict, metadata={"doc": "source: an available volume with these tags in this AZ (in-use ones are ignored)"})
+    snapshot_id: str = field(default="", metadata={"check": lambda v: None if not v or re.match(r"^snap-[0-9a-f]{8,17}$", v) else f"not a snapshot id: {v!r}", "doc": "source: a new volume made from this snapshot"})
+    latest_snapshot: Dict[str, str] = field(default_factory=dict, metadata={"doc": "source: a new volume from the newest completed snapshot with these tags"})
+    create: Optional[CreateSpec] = field(default=None, metadata={"doc": "source: a new empty volume; with tags or latest_snapshot, what to create when nothing matches (absent: fail)"})
+    instance_store: bool = field(default=False, metadata={"doc": "source: NVMe instance-store disks as scratch (RAID0 when several and md is available)"})
+    delete_on_termination: bool = field(default=False, metadata={"doc": "delete the volume when the instance terminates (default: the data outlives it)"})
+    read_only: bool = field(default=False, metadata={"doc": "mount read-only; never formatted or grown"})
     multi_attach: bool = field(default=False, metadata={"doc": "io2 multi-attach: mounted read-only, never formatted or frozen"})
-    required: bool = True
-    initialize: bool = field(default=False, metadata={"doc": "read every block once before READY (volumes from snapshots)"})
-    mount_options: List[str] = field(default_factory=list)
-    fstab: bool = field(default=False, metadata={"doc": "write an fstab entry with nofail"})
-    mount_unit: bool = field(default=False, metadata={"doc": "write a systemd .mount unit"})
-    copy_across_az: bool = field(default=False, metadata={"doc": "snapshot and re-create a volume found in another AZ"})
+    required: bool = field(default=True, metadata={"doc": "a required volume that fails blocks READY; an optional one is only reported"})
+    initialize: bool = field(default=False, metadata={"doc": "read every block once before READY (volumes from snapshots load lazily)"})
+    mount_options: List[str] = field(default_factory=list, metadata={"doc": "extra mount -o options, e.g. [\"noatime\"]"})
+    fstab: bool = field(default=False, metadata={"doc": "write an fstab entry (UUID=, nofail) for reboots"})
+    mount_unit: bool = field(default=False, metadata={"doc": "write a systemd .mount unit (nofail) into [host] unit_dir"})
+    copy_across_az: bool = field(default=False, metadata={"doc": "a volume found in another AZ: snapshot it and create a copy here (else: an error)"})
     snapshot_on_drain: bool = field(default=True, metadata={"doc": "take a frozen-filesystem snapshot of it in the drain"})
-    device_name: str = field(default="", metadata={"doc": "preferred attach name, e.g. /dev/sdf; empty: first free"})
-    attach_timeout: float = field(default=120.0, metadata={"min": 1})
+    device_name: str = field(default="", metadata={"check": lambda v: None if not v or re.match(r"^/dev/(sd|xvd)[b-z]$", v) else f"must look like /dev/sdf, got {v!r}",
+                                                   "doc": "preferred attach name, e.g. /dev/sdf; empty or taken: the first free of /dev/sdf../dev/sdp"})
+    attach_timeout: float = field(default=120.0, metadata={"min": 1, "doc": "seconds to wait for the attachment and again for the block device"})
 
     def sources(self) -> List[str]:
         named = []
@@ -181,6 +183,10 @@ class VolumeSection:
             out.append(("create", f"can only be a fallback for tags or latest_snapshot, not {named[0]}"))
         if self.multi_attach and not self.read_only:
             out.append(("read_only", "multi_attach volumes must be read_only = true"))
+        if self.copy_across_az and named and named[0] not in ("volume_id", "tags"):
+            out.append(("copy_across_az", f"only applies to volume_id or tags, not {named[0]}"))
+        if self.instance_store and (self.read_only or self.multi_attach):
+            out.append(("read_only" if self.read_only else "multi_attach", "instance_store scratch cannot be read-only"))
         return out
 
 
