@@ -98,7 +98,8 @@ class Plan:
             parts = ", ".join(f"{s.name} {s.reserve:.1f}" for s in self.steps if s.persist and s.state != "skipped")
             lines.append(f"  reserved for persistence: {reserve:.1f} s ({parts})")
         for n, s in enumerate(self.steps, 1):
-            budget = "-" if s.state == "skipped" else f"{s.budget:6.1f} s"
+            budget = "-" if s.state == "skipped" else ("spare" if s.name == RETENTION and s.budget <= 0
+                                                       else f"{s.budget:6.1f} s")
             line = f"  {n}. {s.name:<10} {budget:>8}  {s.state:<8} {s.detail}"
             lines.append(line.rstrip())
             if s.reason:

@@ -1,0 +1,467 @@
+"""Run the drain plan step by step, inside the deadline, and survive being killed in the middle.
+
+Each step is recorded in the state file (section ``drain``, key ``run``) before it starts and after it
+ends. A restarted agent (:meth:`Drainer.resume_if_pending`, or :meth:`Drainer.run` with the same
+notice) skips the finished steps and resumes the interrupted one: a snapshot already requested is found
+by its notice tag instead of being taken twice, and a completed lifecycle action is never completed
+again.
+
+Everything that can be prepared before a notice is prepared in ``__init__``: the Auto Scaling
+group/hook discovery, the shutdown budget (TimeoutStopSec), the HTTP session, the imports. After the
+notice the drain only plans (pure), writes state, and calls out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from agent import metrics
+from agent.aws import Clients
+from agent.clock import Clock
+from agent.config import Config
+from agent.drain import lifecycle as lc
+from agent.drain import snapshots as snaps
+from agent.drain.budget import (DEFAULT_SHUTDOWN_BUDGET, build_plan, parse_timeout_stop, snapshot_volume_names,
+                                wait_conditions)
+from agent.drain.crashpoint import crash_point
+from agent.drain.freeze import frozen_call, thaw_leftovers  # noqa: F401 - thaw_leftovers re-exported
+from agent.drain.plan import (LIFECYCLE, NOTIFY, PERSIST_STEPS, RETENTION, RETENTION_MIN, SNAPSHOT, UPLOAD, WAIT,
+                              DrainReport, Plan, StepReport)
+from agent.drain.workload import Workload
+from agent.events import MESSAGE_IDS, Event
+from agent.identity import InstanceIdentity
+from agent.runner import Runner
+from agent.state import StateStore
+from agent.volumes.model import MountedVolume
+
+log = logging.getLogger(__name__)
+
+SECTION = "drain"
+FINAL = ("ok", "skipped", "cut", "failed")
+
+__all__ = ["Drainer", "DrainReport", "StepReport", "thaw_leftovers"]
+
+
+def _event_from(data: Dict[str, Any]) -> Event:
+    return Event(data["kind"], data.get("action", ""), data.get("deadline"), data["key"], data.get("detected_at", 0.0),
+                 dict(data.get("raw", {}) or {}), bool(data.get("cancelled", False)))
+
+
+class Drainer:
+    def __init__(self, config: Config, clients: Clients, identity: InstanceIdentity, state: StateStore,
+                 runner: Runner, clock: Clock, mounted: Callable[[], Dict[str, MountedVolume]],
+                 checkpoint_stores: List[Any], progress: Callable[[str], None] = lambda s: None) -> None:
+        self.config = config
+        self.clients = clients
+        self.identity = identity
+        self.state = state
+        self.runner = runner
+        self.clock = clock
+        self.mounted = mounted
+        self.stores = list(checkpoint_stores)
+        self.progress = progress
+        self.workload = Workload(config.drain.workload, config.hooks, runner)
+        self.shutdown_budget = self._read_shutdown_budget()
+        self._lock = threading.Lock()
+        self._target: Optional[lc.LifecycleTarget] = None
+        self._target_known = False  # discovery answered (with a target or with "none")
+        self.timeline: List[Tuple[str, float]] = []
+        if config.drain.lifecycle.enabled:
+            self.discover_lifecycle()
+
+    # -- preparation (before any notice) -------------------------------------------------------------
+    def _read_shutdown_budget(self) -> float:
+        if self.config.drain.shutdown_budget > 0:
+            return self.config.drain.shutdown_budget
+        if os.path.isdir("/run/systemd/system"):
+            res = self.runner.run(["systemctl", "show", "-p", "TimeoutStopUSec", "spot-agent.service"],
+                                  timeout=5, check=False)
+            seconds = parse_timeout_stop(res.stdout) if res.ok else None
+            if seconds:
+                return seconds
+        return DEFAULT_SHUTDOWN_BUDGET
+
+    def discover_lifecycle(self) -> Optional[lc.LifecycleTarget]:
+        """Find (once) the Auto Scaling group and terminating hook; cached, retried after an error."""
+        if self._target_known:
+            return self._target
+        lcfg = self.config.drain.lifecycle
+        try:
+            self._target = lc.discover(self.clients.autoscaling, self.identity.instance_id, lcfg.group, lcfg.hook)
+            self._target_known = True
+        except Exception as exc:  # noqa: BLE001 - retried when the drain reaches the lifecycle step
+            log.warning("Auto Scaling lifecycle discovery failed (will retry at drain time): %s", exc)
+        return self._target
+
+    # -- public interface ----------------------------------------------------------------------------
+    def plan(self, event: Event, early: bool = False) -> Plan:
+        lifecycle = self._target is not None or not self._target_known
+        volumes = self._volume_names()
+        return build_plan(event, self.config, self.clock.time(), self.shutdown_budget, volumes=volumes,
+                          stores=[self._store_name(i, s) for i, s in enumerate(self.stores)] if self.stores else [],
+                          lifecycle=lifecycle, early=early)
+
+    def dry_run(self, event: Event) -> str:
+        text = self.plan(event).render()
+        if self.config.drain.lifecycle.enabled:
+            if self._target is not None:
+                text += f"\n  lifecycle target: group {self._target.group}, hook {self._target.hook}"
+            elif self._target_known:
+                text += "\n  lifecycle target: none (not in an Auto Scaling group with a terminating hook)"
+            else:
+                text += "\n  lifecycle target: unknown (discovery failed; retried at drain time)"
+        return text
+
+    def run(self, event: Event) -> DrainReport:
+        """Drain for ``event``: once per termination. The same notice again returns the first report."""
+        with self._lock:
+            rec = self._record()
+            if rec and rec.get("key") == event.key and rec.get("finished"):
+                return DrainReport.from_dict(rec["report"])
+            if rec and not rec.get("finished"):
+                if rec.get("key") != event.key:
+                    log.warning("resuming the unfinished drain for %s before anything else", rec.get("kind"))
+                return self._execute(rec, "run", resumed=True)
+            rec = self._new_record(event, early=False)
+            return self._execute(rec, "run", resumed=False)
+
+    def early(self, event: Event) -> DrainReport:
+        """The rebalance plan (``[drain] rebalance``): by default an early checkpoint, workload untouched."""
+        with self._lock:
+            rec = self._new_record(event, early=True)
+            return self._execute(rec, "early", resumed=False)
+
+    def resume_if_pending(self) -> Optional[DrainReport]:
+        with self._lock:
+            rec = self._record()
+            if not rec or rec.get("finished"):
+                return None
+            log.warning("resuming an interrupted drain for %s", rec.get("kind"),
+                        extra={"journal": {"EVENT_KIND": rec.get("kind", "")}})
+            return self._execute(rec, "run", resumed=True)
+
+    # -- records -------------------------------------------------------------------------------------
+    def _record(self, slot: str = "run") -> Optional[Dict[str, Any]]:
+        return (self.state.get(SECTION, {}) or {}).get(slot)
+
+    def _save(self, slot: str, rec: Dict[str, Any]) -> None:
+        self.state.update(SECTION, **{slot: rec})
+
+    def _new_record(self, event: Event, early: bool) -> Dict[str, Any]:
+        plan = self.plan(event, early=early)
+        log.info("%s", plan.render(), extra={"journal": {"EVENT_KIND": event.kind, "DRAIN_STEP": "plan",
+                                                          "MESSAGE_ID": MESSAGE_IDS.get(event.kind, "")}})
+        return {"key": event.key, "kind": event.kind, "event": event.to_dict(), "plan": plan.to_dict(),
+                "started": self.clock.time(), "steps": {}, "snapshots": {}, "snapshot_requested": {},
+                "checkpoint_ids": {}, "lifecycle_completed": False, "lifecycle_attempted": False,
+                "notified_at": None, "pid": None, "finished": False}
+
+    # -- execution -----------------------------------------------------------------------------------
+    def _execute(self, rec: Dict[str, Any], slot: str, resumed: bool) -> DrainReport:
+        plan = Plan.from_dict(rec["plan"])
+        event = _event_from(rec["event"])
+        self.timeline = [("drain-start", self.clock.time())]
+        if slot == "run":
+            metrics.set_state("draining")
+        done = {n for n, s in rec["steps"].items() if s.get("state") in FINAL}
+        beats: Optional[lc.Heartbeats] = None
+        life = plan.step(LIFECYCLE)
+        if life is not None and life.state != "skipped" and not rec.get("lifecycle_completed") and self._target:
+            beats = lc.Heartbeats(self.clients.autoscaling, self._target, self.identity.instance_id,
+                                  self.config.drain.lifecycle.heartbeat_interval).start()
+        try:
+            for step in plan.steps:
+                if step.name in done:
+                    continue
+                self._run_step(plan, step.name, event, rec, slot, done)
+                crash_point(step.name)
+        finally:
+            if beats is not None:
+                beats.stop()
+        report = self._report(plan, rec, resumed)
+        rec["finished"] = True
+        rec["report"] = report.to_dict()
+        self._save(slot, rec)
+        self._finish_metrics(report, slot)
+        self.progress(report.summary())
+        level = logging.INFO if report.ok else logging.ERROR
+        log.log(level, "%s", report.summary(), extra={"journal": {
+            "EVENT_KIND": report.kind, "DRAIN_STEP": "done", "DRAIN_OK": int(report.ok),
+            "DRAIN_MARGIN": f"{report.margin_seconds:.1f}", "MESSAGE_ID": MESSAGE_IDS.get(report.kind, "")}})
+        return report
+
+    def _run_step(self, plan: Plan, name: str, event: Event, rec: Dict[str, Any], slot: str, done: set) -> None:
+        step = plan.step(name)
+        assert step is not None
+        now = self.clock.time()
+        entry: Dict[str, Any]
+        if step.state == "skipped":
+            entry = {"state": "skipped", "seconds": 0.0, "reason": step.reason}
+        else:
+            budget = plan.budget_at(name, now, done)
+            if not step.persist and (budget <= 0 or (name == RETENTION and budget < RETENTION_MIN)):
+                entry = {"state": "skipped", "seconds": 0.0,
+                         "reason": "no time left before the persistence reserves" if name != RETENTION
+                         else "no time to spare for retention"}
+            else:
+                interrupted = rec["steps"].get(name, {}).get("state") == "running"
+                rec["steps"][name] = {"state": "running", "started_at": now, "budget": budget}
+                self._save(slot, rec)
+                self.progress(f"draining: {name} ({budget:.0f} s budget)")
+                t0 = time.monotonic()
+                try:
+                    state, reason = getattr(self, f"_step_{name}")(plan, event, rec, slot, budget, interrupted)
+                except Exception as exc:  # noqa: BLE001 - one failed step must not stop the persistence after it
+                    log.exception("drain step %s failed", name,
+                                  extra={"journal": {"EVENT_KIND": event.kind, "DRAIN_STEP": name}})
+                    state, reason = "failed", f"{type(exc).__name__}: {exc}"
+                if state == "ok" and step.state == "cut" and not reason:
+                    reason = step.reason
+                entry = {"state": state, "seconds": round(time.monotonic() - t0, 4), "reason": reason,
+                         "budget": budget}
+                metrics.DRAIN_STEP_SECONDS.labels(step=name).observe(entry["seconds"])
+        rec["steps"][name] = entry
+        self._save(slot, rec)
+        done.add(name)
+        log.log(logging.WARNING if entry["state"] == "failed" else logging.INFO,
+                "drain step %s: %s%s", name, entry["state"], f" ({entry['reason']})" if entry["reason"] else "",
+                extra={"journal": {"EVENT_KIND": event.kind, "DRAIN_STEP": name, "DRAIN_STEP_STATE": entry["state"],
+                                   "DRAIN_STEP_SECONDS": entry["seconds"]}})
+
+    # -- steps: each returns (state, reason) ----------------------------------------------------------
+    def _step_notify(self, plan: Plan, event: Event, rec: Dict[str, Any], slot: str, budget: float,
+                     interrupted: bool) -> Tuple[str, str]:
+        rec["notified_at"] = self.clock.time()
+        self._save(slot, rec)
+        self.timeline.append(("notify", self.clock.time()))
+        hooks_budget = budget + plan.budget_at(WAIT, self.clock.time(), {NOTIFY}) if plan.step(WAIT) else budget
+        body = {"event": {k: v for k, v in event.to_dict().items() if k != "raw"},
+                "instance_id": self.identity.instance_id, "run": self.config.agent.run or self.identity.instance_id,
+                "deadline": plan.deadline, "budget_seconds": round(hooks_budget, 1)}
+        res = self.workload.notify(event, budget, hooks_budget, body)
+        self.timeline.append(("workload-signalled", self.clock.time()))
+        rec["pid"] = res.pid
+        if res.errors:
+            return "failed", "; ".join(res.errors + res.done)
+        return "ok", "; ".join(res.done)
+
+    def _step_wait(self, plan: Plan, event: Event, rec: Dict[str, Any], slot: str, budget: float,
+                   interrupted: bool) -> Tuple[str, str]:
+        conds = wait_conditions(self.config, event.kind)
+        since = rec.get("notified_at") or rec.get("started") or self.clock.time()
+        res = self.workload.wait(conds, budget, since, rec.get("pid"))
+        self.timeline.append(("checkpoint-written" if res.met else "wait-ended", self.clock.time()))
+        notes = "; ".join(res.notes)
+        if res.met:
+            return "ok", notes
+        return "cut", f"budget of {budget:.1f} s ran out waiting for: {', '.join(res.pending)}" + (f"; {notes}" if notes else "")
+
+    def _snapshot_targets(self, plan: Plan) -> Tuple[List[MountedVolume], List[str]]:
+        wanted = self._volume_names()
+        mounted = self.mounted() or {}
+        targets, problems = [], []
+        for name in wanted:
+            mv = mounted.get(name)
+            if mv is None:
+                problems.append(f"{name}: not mounted")
+            elif not mv.volume_id:
+                problems.append(f"{name}: no EBS volume id")
+            else:
+                targets.append(mv)
+        return targets, problems
+
+    def _step_snapshot(self, plan: Plan, event: Event, rec: Dict[str, Any], slot: str, budget: float,
+                       interrupted: bool) -> Tuple[str, str]:
+        started = time.monotonic()
+        targets, problems = self._snapshot_targets(plan)
+        notice = snaps.notice_tag(self.identity.instance_id, event.key)
+        run = self.config.agent.run or self.identity.instance_id
+        description = f"spot-agent {event.kind} {event.key}"[:255]
+        todo: List[MountedVolume] = []
+        for mv in targets:
+            if mv.name in rec["snapshots"]:
+                continue
+            if rec["snapshot_requested"].get(mv.name) or interrupted:
+                existing = snaps.find_existing(self.clients.ec2, mv.volume_id, notice)
+                if existing:
+                    rec["snapshots"][mv.name] = existing
+                    self._save(slot, rec)
+                    log.info("snapshot of %s already requested before a restart: %s", mv.name, existing)
+                    continue
+            todo.append(mv)
+        warnings: List[str] = []
+        if todo and self.config.drain.crash_consistent and len(todo) > 1:
+            warnings += self._snapshot_together(todo, event, rec, slot, notice, run, description, budget, started)
+        else:
+            for mv in todo:
+                left = budget - (time.monotonic() - started)
+                try:
+                    warnings += self._snapshot_one(mv, event, rec, slot, run, description, max(1.0, left))
+                except Exception as exc:  # noqa: BLE001 - the other volumes still get theirs
+                    metrics.SNAPSHOT_FAILURES.labels(volume=mv.name).inc()
+                    problems.append(f"{mv.name}: {type(exc).__name__}: {exc}")
+        reason = "; ".join(problems + warnings)
+        if problems:
+            return "failed", reason
+        return "ok", reason
+
+    def _tags(self, mv_name: str, event: Event, run: str) -> Dict[str, str]:
+        return snaps.snapshot_tags(self.identity.instance_id, mv_name, run, event.kind, event.detected_at, event.key)
+
+    def _snapshot_one(self, mv: MountedVolume, event: Event, rec: Dict[str, Any], slot: str, run: str,
+                      description: str, budget: float) -> List[str]:
+        tags = self._tags(mv.name, event, run)
+        rec["snapshot_requested"][mv.name] = True
+        self._save(slot, rec)
+        ec2 = self.clients.ec2
+
+        def call() -> str:
+            self.timeline.append((f"snapshot-requested:{mv.name}", self.clock.time()))
+            return snaps.create_snapshot(ec2, mv.volume_id, tags, description)
+
+        res = frozen_call([(mv.name, mv.mountpoint)], call, runner=self.runner, state=self.state,
+                          freeze_timeout=self.config.drain.freeze_timeout, budget=budget,
+                          never_freeze=self.config.agent.state_dir)
+        self.timeline.append((f"thawed:{mv.name}", self.clock.time()))
+        rec["snapshots"][mv.name] = res.value
+        rec.setdefault("frozen_seconds", {})[mv.name] = round(res.frozen_seconds, 4)
+        self._save(slot, rec)
+        metrics.SNAPSHOTS.labels(volume=mv.name).inc()
+        if res.frozen:
+            metrics.FREEZE_SECONDS.labels(volume=mv.name).set(res.frozen_seconds)
+        log.info("snapshot %s of %s (%s), frozen %.3f s", res.value, mv.name, mv.volume_id, res.frozen_seconds,
+                 extra={"journal": {"EVENT_KIND": event.kind, "DRAIN_STEP": SNAPSHOT, "VOLUME": mv.name,
+                                    "SNAPSHOT_ID": res.value, "FROZEN_SECONDS": f"{res.frozen_seconds:.4f}"}})
+        return [f"{mv.name}: {w}" if not w.startswith(mv.name) else w for w in res.warnings]
+
+    def _snapshot_together(self, todo: List[MountedVolume], event: Event, rec: Dict[str, Any], slot: str,
+                           notice: str, run: str, description: str, budget: float, started: float) -> List[str]:
+        ec2 = self.clients.ec2
+        ours = [mv.volume_id for mv in todo]
+        exclude = [v for v in snaps.attached_volume_ids(ec2, self.identity.instance_id) if v not in ours]
+        common = {k: v for k, v in self._tags("", event, run).items() if k not in (snaps.TAG_VOLUME, "Name")}
+        for mv in todo:
+            rec["snapshot_requested"][mv.name] = True
+        self._save(slot, rec)
+
+        def call() -> Dict[str, str]:
+            self.timeline.append(("snapshot-requested:*", self.clock.time()))
+            return snaps.create_snapshots(ec2, self.identity.instance_id, ours, exclude, common, description)
+
+        left = max(1.0, budget - (time.monotonic() - started))
+        res = frozen_call([(mv.name, mv.mountpoint) for mv in todo], call, runner=self.runner, state=self.state,
+                          freeze_timeout=self.config.drain.freeze_timeout, budget=left,
+                          never_freeze=self.config.agent.state_dir)
+        self.timeline.append(("thawed:*", self.clock.time()))
+        by_volume: Dict[str, str] = res.value or {}
+        warnings = list(res.warnings)
+        for mv in todo:
+            sid = by_volume.get(mv.volume_id)
+            if not sid:
+                metrics.SNAPSHOT_FAILURES.labels(volume=mv.name).inc()
+                warnings.append(f"{mv.name}: CreateSnapshots returned no snapshot for {mv.volume_id}")
+                continue
+            tags = self._tags(mv.name, event, run)
+            snaps.tag(ec2, [sid], {snaps.TAG_VOLUME: tags[snaps.TAG_VOLUME], "Name": tags["Name"]})
+            rec["snapshots"][mv.name] = sid
+            metrics.SNAPSHOTS.labels(volume=mv.name).inc()
+            if res.frozen:
+                metrics.FREEZE_SECONDS.labels(volume=mv.name).set(res.frozen_seconds)
+            rec.setdefault("frozen_seconds", {})[mv.name] = round(res.frozen_seconds, 4)
+        self._save(slot, rec)
+        missing = [mv.name for mv in todo if mv.name not in rec["snapshots"]]
+        if missing:
+            raise RuntimeError("; ".join(warnings))
+        return warnings
+
+    def _step_upload(self, plan: Plan, event: Event, rec: Dict[str, Any], slot: str, budget: float,
+                     interrupted: bool) -> Tuple[str, str]:
+        deadline = self.clock.time() + budget
+        errors, notes = [], []
+        for i, store in enumerate(self.stores):
+            name = self._store_name(i, store)
+            if name in rec["checkpoint_ids"]:
+                continue
+            result = store.upload(deadline=deadline, reason=f"drain:{event.kind}")
+            if getattr(result, "committed", False):
+                rec["checkpoint_ids"][name] = str(getattr(result, "checkpoint_id", ""))
+                self._save(slot, rec)
+                notes.append(f"{name}: {result.checkpoint_id} ({getattr(result, 'files', 0)} files, "
+                             f"{getattr(result, 'bytes', 0)} bytes)")
+            else:
+                errors.append(f"{name}: {getattr(result, 'error', '') or 'not committed'}")
+        self.timeline.append(("upload-committed" if not errors else "upload-ended", self.clock.time()))
+        if errors:
+            return "failed", "; ".join(errors + notes)
+        return "ok", "; ".join(notes)
+
+    def _step_retention(self, plan: Plan, event: Event, rec: Dict[str, Any], slot: str, budget: float,
+                        interrupted: bool) -> Tuple[str, str]:
+        end = time.monotonic() + budget
+        deleted: List[str] = []
+        for name in sorted(rec["snapshots"]):
+            if time.monotonic() >= end:
+                return "cut", f"out of time; deleted {len(deleted)}"
+            deleted += snaps.apply_retention(self.clients.ec2, name, self.config.drain.keep_snapshots)
+        return "ok", f"deleted {len(deleted)} old snapshot(s)" if deleted else ""
+
+    def _step_lifecycle(self, plan: Plan, event: Event, rec: Dict[str, Any], slot: str, budget: float,
+                        interrupted: bool) -> Tuple[str, str]:
+        if rec.get("lifecycle_completed"):
+            return "ok", "completed before a restart"
+        target = self.discover_lifecycle()
+        if target is None:
+            if self._target_known:
+                return "skipped", "not in an Auto Scaling group with a terminating hook"
+            return "failed", "Auto Scaling discovery failed"
+        attempted_before = bool(rec.get("lifecycle_attempted")) and interrupted
+        rec["lifecycle_attempted"] = True
+        self._save(slot, rec)
+        completed, reason = lc.complete(self.clients.autoscaling, target, self.identity.instance_id)
+        if not completed and attempted_before:
+            completed, reason = True, "completed by the interrupted attempt"
+        if completed:
+            rec["lifecycle_completed"] = True
+            self._save(slot, rec)
+            metrics.LIFECYCLE_COMPLETIONS.inc()
+            self.timeline.append(("lifecycle-completed", self.clock.time()))
+            return "ok", reason or f"CONTINUE sent to {target.group}/{target.hook}"
+        return "skipped", reason
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def _volume_names(self) -> List[str]:
+        return snapshot_volume_names(self.config)
+
+    def _store_name(self, index: int, store: Any) -> str:
+        name = getattr(store, "name", "") or ""
+        if not name and index < len(self.config.checkpoints):
+            name = self.config.checkpoints[index].s3
+        return name or f"checkpoints[{index}]"
+
+    def _report(self, plan: Plan, rec: Dict[str, Any], resumed: bool) -> DrainReport:
+        steps = [StepReport(n, rec["steps"][n]["state"], rec["steps"][n].get("seconds", 0.0),
+                            rec["steps"][n].get("reason", "")) for n in plan.names() if n in rec["steps"]]
+        ok = all(s.state != "failed" for s in steps if s.name in PERSIST_STEPS)
+        return DrainReport(kind=rec["kind"], ok=ok, steps=steps, snapshots=dict(rec["snapshots"]),
+                           checkpoint_ids=dict(rec["checkpoint_ids"]),
+                           lifecycle_completed=bool(rec.get("lifecycle_completed")),
+                           margin_seconds=round(plan.deadline - self.clock.time(), 3), resumed=resumed)
+
+    def _finish_metrics(self, report: DrainReport, slot: str) -> None:
+        persisted = [s for s in report.steps if s.name in (SNAPSHOT, UPLOAD)]
+        if report.ok:
+            result = "success"
+        elif any(s.state == "ok" for s in persisted):
+            result = "partial"
+        else:
+            result = "failed"
+        metrics.DRAINS.labels(result=result).inc()
+        metrics.DRAIN_MARGIN.set(report.margin_seconds)
+        if report.ok:
+            metrics.DRAIN_LAST_SUCCESS.set(self.clock.time())
+        if slot == "run":
+            metrics.set_state("drained" if report.ok else "failed")
