@@ -43,3 +43,13 @@ def aws(local_aws):
     clients = make_clients(AWSSection(endpoint_url=local_aws.url), "us-east-1")
     clients.url = local_aws.url  # type: ignore[attr-defined]
     return clients
+
+
+@pytest.fixture
+def imds_sim():
+    """The project's IMDS simulator on a free loopback port, fresh per test."""
+    from agent.sim.imds_server import IMDSSimulator
+
+    sim = IMDSSimulator("127.0.0.1", 0).start()
+    yield sim
+    sim.stop()

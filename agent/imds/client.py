@@ -119,17 +119,8 @@ class IMDSClient:
         try:
             with self._session.request(method, url, headers=headers, timeout=self.timeout, stream=True,
                                        allow_redirects=False) as resp:
-                chunks = []
-                size = 0
-                for chunk in resp.iter_content(chunk_size=4096):
-                    chunks.append(chunk)
-                    size += len(chunk)
-                    if size > MAX_BODY:
-                        raise IMDSError("oversized", f"{path}: body over {MAX_BODY} bytes")
-                    if self.clock.monotonic() > deadline:
-                        raise IMDSError("timeout", f"{path}: body still arriving after {self.timeout:g}s")
                 status = resp.status_code
-                text = b"".join(chunks).decode("utf-8", "replace")
+                text = self._read_body(resp, path, deadline)
         except IMDSError:
             metrics.IMDS_REQUESTS.labels(path=label, code_class="error").inc()
             metrics.IMDS_UP.set(0)
@@ -145,6 +136,24 @@ class IMDSClient:
         metrics.IMDS_REQUESTS.labels(path=label, code_class=_code_class(status)).inc()
         metrics.IMDS_UP.set(1 if status < 500 else 0)
         return Answer(status, text)
+
+    def _read_body(self, resp: requests.Response, path: str, deadline: float) -> str:
+        """Read with a total deadline: a body that trickles forever beats a per-read timeout."""
+        raw = resp.raw
+        read1 = getattr(raw, "read1", None)  # urllib3 2.x: whatever has arrived, up to n bytes
+        chunks = []
+        size = 0
+        while True:
+            chunk = read1(4096) if read1 is not None else raw.read(1)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise IMDSError("oversized", f"{path}: body over {MAX_BODY} bytes")
+            if self.clock.monotonic() > deadline:
+                raise IMDSError("timeout", f"{path}: body still arriving after {self.timeout:g}s")
+        return b"".join(chunks).decode("utf-8", "replace")
 
     def get(self, path: str) -> Answer:
         """GET a metadata path. 200 and 404 are answers; 401 refreshes the token and retries once.

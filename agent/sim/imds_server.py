@@ -60,6 +60,7 @@ class SimState:
     tokens: Dict[str, float] = field(default_factory=dict)  # token -> expiry (monotonic)
     max_ttl_override: Optional[int] = None
     requests: int = 0
+    max_token_headers: int = 0  # most X-aws-ec2-metadata-token headers seen on one request
     requests_by_path: Dict[str, int] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
 
@@ -79,6 +80,8 @@ class IMDSSimulator:
 
         self.httpd = ThreadingHTTPServer((host, port), Handler)
         self.httpd.daemon_threads = True
+        self.httpd.block_on_close = False  # a hanging answer must not hold up stop()
+        self.stopped = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
     @property
@@ -95,6 +98,7 @@ class IMDSSimulator:
         self.httpd.serve_forever()
 
     def stop(self) -> None:
+        self.stopped.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -168,7 +172,7 @@ class IMDSSimulator:
                     s.disabled = False
                     s.malformed = {}
             elif command == "stats":
-                return {"requests": s.requests, "by_path": dict(s.requests_by_path),
+                return {"requests": s.requests, "max_token_headers": s.max_token_headers, "by_path": dict(s.requests_by_path),
                         "uptime": time.monotonic() - s.started}
             elif command == "identity":
                 for key, value in body.items():
@@ -262,6 +266,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _count(self) -> None:
         s = self.simulator.state
         s.requests += 1
+        s.max_token_headers = max(s.max_token_headers, len(self.headers.get_all("X-aws-ec2-metadata-token") or []))
         s.requests_by_path[self.path] = s.requests_by_path.get(self.path, 0) + 1
 
     def _faults(self) -> bool:
@@ -298,6 +303,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             try:
                 for _ in range(600):
+                    if sim.stopped.is_set():
+                        break
                     self.wfile.write(b" ")
                     self.wfile.flush()
                     time.sleep(0.1)

@@ -1,0 +1,95 @@
+"""Hooks: environment, output to the log, timeouts that kill the whole process group, users."""
+
+import logging
+import os
+import time
+
+from agent.config import HookSection
+from agent.events import SPOT_INTERRUPTION, Event
+from agent.hooks import run_hook, run_hooks
+
+EVENT = Event(SPOT_INTERRUPTION, "terminate", 1796000000.0, "spot:terminate", 1795999880.0, {})
+
+
+def script(tmp_path, name, body):
+    p = tmp_path / name
+    p.write_text("#!/bin/sh\n" + body)
+    p.chmod(0o755)
+    return str(p)
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purpose.
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().split(") ")[1][0] != "Z"
+
+
+def test_environment_and_output_logged(tmp_path, caplog):
+    out = tmp_path / "env"
+    cmd = script(tmp_path, "h.sh", f'env > {out}\necho "saving step 7"\n')
+    caplog.set_level(logging.INFO, logger="agent.hooks")
+    (r,) = run_hooks([HookSection(on=[SPOT_INTERRUPTION], command=[cmd, "--fast"], env={"EXTRA": "1"})], EVENT)
+    assert r.ok and r.returncode == 0
+    env = dict(line.split("=", 1) for line in out.read_text().splitlines() if "=" in line)
+    assert env["SPOT_AGENT_EVENT"] == "spot-interruption"
+    assert env["SPOT_AGENT_ACTION"] == "terminate"
+    assert env["SPOT_AGENT_DEADLINE"] == "1796000000"
+    assert env["SPOT_AGENT_DEADLINE_ISO"] == "2026-11-30T00:53:20Z"
+    assert env["EXTRA"] == "1"
+    assert any("saving step 7" in rec.getMessage() for rec in caplog.records)
+
+
+def test_only_matching_hooks_run(tmp_path):
+    marker = tmp_path / "ran"
+    cmd = script(tmp_path, "h.sh", f"touch {marker}\n")
+    assert run_hooks([HookSection(on=["shutdown"], command=[cmd])], EVENT) == []
+    assert not marker.exists()
+
+
+def test_timeout_kills_the_process_group(tmp_path):
+    pidfile = tmp_path / "child.pid"
+    cmd = script(tmp_path, "slow.sh", f"sleep 300 &\necho $! > {pidfile}\nsleep 300\n")
+    started = time.monotonic()
+    r = run_hook(HookSection(on=[SPOT_INTERRUPTION], command=[cmd], timeout=0.5), 0, EVENT)
+    assert r.timed_out and r.returncode is None and not r.ok
+    assert time.monotonic() - started < 10
+    child = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(child), "the hook's child outlived the timeout"
+
+
+def test_budget_caps_the_timeout(tmp_path):
+    cmd = script(tmp_path, "slow.sh", "sleep 30\n")
+    r = run_hook(HookSection(on=[SPOT_INTERRUPTION], command=[cmd], timeout=60), 0, EVENT, budget=0.3)
+    assert r.timed_out and r.seconds < 5
+
+
+def test_failure_and_missing_executable(tmp_path):
+    cmd = script(tmp_path, "fail.sh", "exit 3\n")
+    r = run_hook(HookSection(on=[SPOT_INTERRUPTION], command=[cmd]), 0, EVENT)
+    assert r.returncode == 3 and not r.ok
+    r = run_hook(HookSection(on=[SPOT_INTERRUPTION], command=[str(tmp_path / "nope")]), 2, EVENT)
+    assert not r.ok and r.error.startswith("hooks[2].command:")
+
+
+def test_runs_as_user():
+    import pathlib
+    import shutil
+    import tempfile
+
+    tmp_path = pathlib.Path(tempfile.mkdtemp(prefix="spot-agent-hook-", dir="/tmp"))
+    os.chmod(tmp_path, 0o777)  # pytest's tmp dirs are root-only; "nobody" must reach the script
+    out = tmp_path / "uid"
+    cmd = script(tmp_path, "who.sh", f"id -u > {out}\n")
+    r = run_hook(HookSection(on=[SPOT_INTERRUPTION], command=[cmd], user="nobody"), 0, EVENT)
+    assert r.ok, r
+    assert out.read_text().strip() == str(__import__("pwd").getpwnam("nobody").pw_uid)
+    r = run_hook(HookSection(on=[SPOT_INTERRUPTION], command=[cmd], user="no-such-user-x"), 0, EVENT)
+    assert "no such user" in r.error
+    shutil.rmtree(tmp_path)
