@@ -14,7 +14,9 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any, Callable, Dict, Iterator, List, Optional
@@ -220,3 +222,132 @@ def test_relabeling_keeps_only_running_opted_in_instances(prometheus: Prometheus
         return None
 
     wait_for("every rule to evaluate", evaluated, log=prometheus.log)
+
+
+# -- the same, driving the real daemon and the IMDS simulator ----------------------------------------
+
+def wait_port(port: int, proc: subprocess.Popen, what: str, log: str) -> None:
+    def accepting() -> Optional[bool]:
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited with {proc.returncode}: {open(log).read()[-3000:]}")
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+
+    wait_for(f"{what} on port {port}", accepting, log=log)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def agent_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture
+def daemon(tmp_path, local_aws) -> Iterator[Dict[str, Any]]:
+    """`spot-agent simulate serve` and `spot-agent run` as real processes, all on loopback."""
+    sim_port, metrics_port = free_port(), free_port()
+    sim_log, daemon_log = str(tmp_path / "sim.log"), str(tmp_path / "daemon.log")
+    procs: List[subprocess.Popen] = []
+    try:
+        with open(sim_log, "wb") as out:
+            sim = subprocess.Popen([sys.executable, "-m", "agent", "simulate", "serve", "--listen", f"127.0.0.1:{sim_port}",
+                                    "--instance-id", "i-0ddddddddddddddd4"], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        procs.append(sim)
+        wait_port(sim_port, sim, "the IMDS simulator", sim_log)
+        config = tmp_path / "agent.toml"
+        config.write_text(f"""
+[agent]
+state_dir = "{tmp_path / 'state'}"
+socket = "{tmp_path / 'run' / 'agent.sock'}"
+[imds]
+endpoint = "http://127.0.0.1:{sim_port}"
+poll_interval = 0.2
+[aws]
+region = "us-east-1"
+endpoint_url = "{local_aws.url}"
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+[drain.lifecycle]
+enabled = false
+""")
+        os.chmod(config, 0o600)
+        with open(daemon_log, "wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config)],
+                                    stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        procs.append(proc)
+        wait_port(metrics_port, proc, "the daemon's metrics listener", daemon_log)
+        yield {"proc": proc, "config": str(config), "sim": f"http://127.0.0.1:{sim_port}", "metrics_port": metrics_port,
+               "log": daemon_log}
+    finally:
+        for p in reversed(procs):
+            stop_process(p)
+
+
+def test_prometheus_scrapes_the_real_daemon_through_a_simulated_notice(tmp_path, daemon: Dict[str, Any]) -> None:
+    base = f"http://127.0.0.1:{daemon['metrics_port']}"
+
+    def ready() -> Optional[bool]:
+        if daemon["proc"].poll() is not None:
+            pytest.fail(f"the daemon exited with {daemon['proc'].returncode}: {open(daemon['log']).read()[-3000:]}")
+        try:
+            with urllib.request.urlopen(base + "/readyz", timeout=2) as resp:
+                return True if resp.status == 200 else None
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 503  # not ready yet: the only other answer allowed
+            return None
+
+    wait_for("the daemon's /readyz to turn 200", ready, log=daemon["log"])
+    with urllib.request.urlopen(base + "/healthz", timeout=5) as resp:
+        assert resp.status == 200
+    status = agent_cli("status", "--json", "--config", daemon["config"])
+    assert status.returncode == 0, status.stderr
+    doc = json.loads(status.stdout)
+    assert doc["state"] == "ready" and doc["ready"] is True and doc["pid"] == daemon["proc"].pid
+    assert doc["instance"]["instance_id"] == "i-0ddddddddddddddd4" and doc["notices"] == []
+
+    targets = tmp_path / "targets.json"
+    targets.write_text(json.dumps([ec2_target("i-0ddddddddddddddd4", daemon["metrics_port"])]))
+    prom_dir = tmp_path / "prom"
+    prom_dir.mkdir()
+    gen = start_prometheus(prom_dir, fleet_job(str(targets)))
+    prom = next(gen)
+    try:
+        expr = 'spot_agent_notice_active{kind="spot-interruption",instance="i-0ddddddddddddddd4"}'
+        wait_for("the first scrape of the daemon", lambda: True if sample_value(prom, expr) == 0 else None, log=prom.log)
+        assert sample_value(prom, 'spot_agent_state{state="ready",instance="i-0ddddddddddddddd4"}') == 1
+
+        trigger = agent_cli("simulate", "trigger", "spot", "--endpoint", daemon["sim"])
+        assert trigger.returncode == 0, trigger.stderr
+
+        wait_for("the daemon's notice to reach Prometheus", lambda: True if sample_value(prom, expr) == 1 else None,
+                 log=daemon["log"])
+        deadline = sample_value(prom, 'spot_agent_termination_deadline_timestamp_seconds{instance="i-0ddddddddddddddd4"}')
+        assert deadline is not None and deadline > time.time()
+
+        def noticed() -> Optional[Dict[str, Any]]:
+            result = agent_cli("status", "--json", "--config", daemon["config"])
+            if result.returncode != 0:
+                return None
+            data = json.loads(result.stdout)
+            return data if data["notices"] else None
+
+        doc = wait_for("spot-agent status to show the notice", noticed, log=daemon["log"])
+        assert doc["notices"][0]["kind"] == "spot-interruption" and doc["state"] in ("draining", "drained")
+        assert abs(doc["deadline"] - deadline) < 1.0
+    finally:
+        gen.close()
+
+    # Once the daemon has gone, status says so, with the state it left behind, and exits 3.
+    stop_process(daemon["proc"])
+    gone = agent_cli("status", "--json", "--config", daemon["config"])
+    assert gone.returncode == 3, gone.stdout + gone.stderr
+    last = json.loads(gone.stdout)
+    assert last["running"] is False and last["last"]["state"] == "drained" and last["last"]["pid"] == daemon["proc"].pid
