@@ -105,7 +105,9 @@ def _terminal_plan(event: Event, config: Config, now: float, shutdown_budget: fl
 
     targets = notify_targets(config, event.kind)
     waits = wait_conditions(config, event.kind)
-    notify = Step(NOTIFY, d.notify_timeout if targets else 0.0, 0.0, detail="; ".join(targets) or "nothing to notify")
+    # Signals and starting hooks take milliseconds; only a webhook's retries need the whole notify budget.
+    notify_wanted = (d.notify_timeout if d.workload.webhook is not None else min(1.0, d.notify_timeout)) if targets else 0.0
+    notify = Step(NOTIFY, notify_wanted, 0.0, detail="; ".join(targets) or "nothing to notify")
     wait = Step(WAIT, d.workload.checkpoint_timeout if waits else 0.0, 0.0,
                 detail=("until " + " and ".join(_wait_text(w, config) for w in waits)) if waits else "nothing to wait for")
     snap = Step(SNAPSHOT, d.snapshot_reserve, 0.0, persist=True, reserve=d.snapshot_reserve,
@@ -143,7 +145,9 @@ def _terminal_plan(event: Event, config: Config, now: float, shutdown_budget: fl
         early_time -= step.budget
         if step.budget <= 0:
             _skip(step, f"no time: {usable:.1f} s usable and {reserve:.1f} s reserved for persistence")
+            step.for_time = True
         elif step.budget < step.wanted:
+            step.for_time = True
             step.state = "cut"
             step.reason = f"cut to {step.budget:.1f} s of {step.wanted:.1f} s: {reserve:.1f} s reserved for persistence"
     spent = sum(s.budget for s in (notify, wait))
@@ -158,6 +162,7 @@ def _terminal_plan(event: Event, config: Config, now: float, shutdown_budget: fl
         left -= step.budget
         if step.budget < step.reserve:
             step.state = "cut"
+            step.for_time = True
             step.reason = (f"only {step.budget:.1f} s of its {step.reserve:.1f} s reserve fit; "
                            f"it still gets at least 1 s when it starts")
     slack_to = upload if upload.state != "skipped" else snap if snap.state != "skipped" else None

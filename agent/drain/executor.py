@@ -170,7 +170,7 @@ class Drainer:
         done = {n for n, s in rec["steps"].items() if s.get("state") in FINAL}
         beats: Optional[lc.Heartbeats] = None
         life = plan.step(LIFECYCLE)
-        if life is not None and life.state != "skipped" and not rec.get("lifecycle_completed") and self._target:
+        if life is not None and not life.structural_skip and not rec.get("lifecycle_completed") and self._target:
             beats = lc.Heartbeats(self.clients.autoscaling, self._target, self.identity.instance_id,
                                   self.config.drain.lifecycle.heartbeat_interval).start()
         try:
@@ -199,7 +199,7 @@ class Drainer:
         assert step is not None
         now = self.clock.time()
         entry: Dict[str, Any]
-        if step.state == "skipped":
+        if step.structural_skip:
             entry = {"state": "skipped", "seconds": 0.0, "reason": step.reason}
         else:
             budget = plan.budget_at(name, now, done)
@@ -219,8 +219,8 @@ class Drainer:
                     log.exception("drain step %s failed", name,
                                   extra={"journal": {"EVENT_KIND": event.kind, "DRAIN_STEP": name}})
                     state, reason = "failed", f"{type(exc).__name__}: {exc}"
-                if state == "ok" and step.state == "cut" and not reason:
-                    reason = step.reason
+                if budget < step.wanted and not step.persist:
+                    reason = (f"budget cut to {budget:.1f} s of {step.wanted:.1f} s; " + reason).rstrip("; ")
                 entry = {"state": state, "seconds": round(time.monotonic() - t0, 4), "reason": reason,
                          "budget": budget}
                 metrics.DRAIN_STEP_SECONDS.labels(step=name).observe(entry["seconds"])

@@ -40,9 +40,15 @@ class Step:
     state: str = "planned"  # planned | cut | skipped
     reason: str = ""
     detail: str = ""
+    for_time: bool = False  # skipped or cut only for lack of time: reconsidered when the step comes up
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
+
+    @property
+    def structural_skip(self) -> bool:
+        """Skipped because there is nothing to do (not for lack of time)."""
+        return self.state == "skipped" and not self.for_time
 
 
 @dataclass
@@ -77,10 +83,10 @@ class Plan:
         """
         done = set(done)
         step = self.step(name)
-        if step is None or step.state == "skipped":
+        if step is None or step.structural_skip:
             return 0.0
         index = self.steps.index(step)
-        later = sum(s.reserve for s in self.steps[index + 1:] if s.persist and s.state != "skipped" and s.name not in done)
+        later = sum(s.reserve for s in self.steps[index + 1:] if s.persist and not s.structural_skip and s.name not in done)
         soft = self.deadline - self.margin - now - later
         if not step.persist:
             cap = RETENTION_BUDGET if step.name == RETENTION else step.wanted

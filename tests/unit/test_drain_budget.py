@@ -181,3 +181,21 @@ def test_parse_timeout_stop():
     assert parse_timeout_stop("TimeoutStopUSec=infinity") is None
     assert parse_timeout_stop("TimeoutStopUSec=") is None
     assert parse_timeout_stop("garbage") is None
+
+
+def test_a_step_skipped_for_time_is_reconsidered_when_it_comes_up():
+    cfg = parse(FULL)
+    cfg.drain.workload.webhook = None
+    plan = build_plan(spot(40), cfg, NOW, 90)
+    # without a webhook, notify asks for 1 s only, so the wait gets the other 7 of the 8 s
+    assert plan.step("notify").budget == 1.0
+    assert plan.step("wait").budget == 7.0 and plan.step("wait").state == "cut"
+    # with a webhook, 37 s left: usable 27, reserves 22, notify takes all 5, the wait none
+    tight = build_plan(spot(37), parse(FULL), NOW, 90)
+    assert tight.step("notify").budget == 5.0
+    assert tight.step("wait").state == "skipped" and tight.step("wait").for_time
+    # notify returned after 0.5 s: the wait gets the 4.5 s notify did not use
+    assert tight.budget_at("wait", NOW + 0.5, done={"notify"}) == 4.5
+    nothing = build_plan(spot(120), parse(""), NOW, 90)
+    assert nothing.step("wait").structural_skip
+    assert nothing.budget_at("wait", NOW) == 0.0
