@@ -7,6 +7,7 @@ from typing import Any, Dict, Iterable, List
 MANAGED = "spot-agent:managed"
 INSTANCE_ID = "spot-agent:instance-id"
 VOLUME_NAME = "spot-agent:volume-name"
+DRAIN_VOLUME = "spot-agent:volume"  # the drain's snapshots name their [[volumes]] entry with this key
 PURPOSE = "spot-agent:purpose"  # "volume", "copy-across-az", "checkpoint" (the drain's snapshots)
 
 
@@ -24,6 +25,10 @@ def tag_specs(resource_type: str, tags: Dict[str, str]) -> List[Dict[str, Any]]:
 
 def as_dict(tag_list: Iterable[Dict[str, str]] | None) -> Dict[str, str]:
     return {t["Key"]: t["Value"] for t in (tag_list or [])}
+
+
+def volume_name(tags: Dict[str, str]) -> str:
+    return tags.get(VOLUME_NAME) or tags.get(DRAIN_VOLUME, "")
 
 
 def is_managed(tags: Dict[str, str]) -> bool:
