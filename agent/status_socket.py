@@ -120,10 +120,17 @@ class StatusServer:
                     conn.close()
 
     def _answer(self, conn: socket.socket) -> None:
-        conn.settimeout(CONNECTION_TIMEOUT)
+        deadline = time.monotonic() + CONNECTION_TIMEOUT  # for the whole request, not per recv
         request = b""
         while b"\n" not in request and len(request) < MAX_REQUEST:
-            chunk = conn.recv(MAX_REQUEST)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break  # a client that trickles bytes gets the default request: status
+            conn.settimeout(left)
+            try:
+                chunk = conn.recv(MAX_REQUEST)
+            except socket.timeout:
+                break
             if not chunk:
                 break
             request += chunk
@@ -136,7 +143,8 @@ class StatusServer:
             except Exception as exc:  # noqa: BLE001 - report it to the client rather than hang up
                 log.warning("status socket: status provider failed", exc_info=True)
                 body = {"error": f"status provider failed: {exc}"}
-        conn.sendall(json.dumps(body, sort_keys=True).encode() + b"\n")
+        conn.settimeout(CONNECTION_TIMEOUT)
+        conn.sendall(json.dumps(body, sort_keys=True, default=str).encode() + b"\n")
 
     def stop(self) -> None:
         if self._sock is None:

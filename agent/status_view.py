@@ -99,6 +99,8 @@ def render(status: Dict[str, Any], now: float, source: str = "socket") -> str:
     lines.append(head)
     if status.get("status_line"):
         lines.append(f"  {status['status_line']}")
+    if status.get("error"):
+        lines.append(f"  error: {status['error']}")
     if source != "socket":
         lines.append(f"  (from the state file, updated {when(status.get('updated_at'), now)}: the socket did not answer)")
 
@@ -137,7 +139,8 @@ def render(status: Dict[str, Any], now: float, source: str = "socket") -> str:
     if dstate == "none" and not steps:
         lines.append("drain       none")
     else:
-        lines.append(f"drain       {dstate}")
+        kind = f" ({drain['kind']})" if drain.get("kind") else ""
+        lines.append(f"drain       {dstate}{kind}")
         for st in steps:
             secs = _num(st.get("seconds"))
             took = f" {secs:.1f}s" if secs is not None else ""

@@ -186,3 +186,16 @@ def test_a_socket_that_never_answers_times_out(paths) -> None:
             read_status(sock_path, state_file, timeout=0.3)
     finally:
         mute.close()
+
+
+def test_a_client_that_never_finishes_its_request_still_gets_the_status(paths) -> None:
+    sock_path, _ = paths
+    with StatusServer(sock_path, lambda: {"state": "ready"}):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(sock_path)
+        # Sends nothing at all: after the request timeout the server answers the default request.
+        answer = json.loads(s.makefile("rb").read())
+        s.close()
+        assert answer == {"state": "ready"}
+        assert query_socket(sock_path) == {"state": "ready"}

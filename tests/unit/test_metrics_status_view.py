@@ -50,6 +50,15 @@ def test_every_part_of_the_status_is_shown() -> None:
     assert "state file" not in text
 
 
+def test_errors_and_the_drain_kind_are_shown() -> None:
+    status = full_status()
+    status["error"] = "required volume(s) failed: data: no such volume"
+    status["drain"]["kind"] = "spot-interruption"
+    text = render(status, NOW)
+    assert "  error: required volume(s) failed: data: no such volume" in text
+    assert "drain       running (spot-interruption)" in text
+
+
 def test_a_status_from_the_state_file_says_so() -> None:
     text = render(full_status(), NOW, source="state-file")
     assert "from the state file, updated" in text and "(1s ago)" in text
