@@ -1,0 +1,104 @@
+"""Run the real daemon as a subprocess, with a notify socket standing in for systemd's."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import List, Optional
+
+
+class NotifySocket:
+    """Receives sd_notify datagrams like systemd does."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.settimeout(0.2)
+        self.messages: List[str] = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.messages.extend(data.decode().split("\n"))
+
+    def wait_for(self, line: str, timeout: float = 10.0) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if any(m == line or m.startswith(line) for m in self.messages):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def close(self) -> None:
+        self._stop.set()
+        self.sock.close()
+
+
+class AgentProcess:
+    count = 0
+
+    def __init__(self, tmp_path, config_text: str, env: Optional[dict] = None, watchdog_usec: int = 0) -> None:
+        self.tmp_path = tmp_path
+        self.config_path = os.path.join(str(tmp_path), "agent.toml")
+        with open(self.config_path, "w") as fh:
+            fh.write(config_text)
+        os.chmod(self.config_path, 0o644)
+        AgentProcess.count += 1
+        n = AgentProcess.count
+        self.notify = NotifySocket(os.path.join(str(tmp_path), f"notify-{n}.sock"))
+        self.log_path = os.path.join(str(tmp_path), f"agent-{n}.log")
+        full_env = dict(os.environ, NOTIFY_SOCKET=self.notify.path, PYTHONUNBUFFERED="1")
+        if watchdog_usec:
+            full_env["WATCHDOG_USEC"] = str(watchdog_usec)
+        full_env.update(env or {})
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", self.config_path],
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
+                                     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def log(self) -> str:
+        with open(self.log_path) as fh:
+            return fh.read()
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        if not self.notify.wait_for("READY=1", timeout):
+            raise AssertionError(f"agent not READY within {timeout}s:\n{self.log()}")
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(sig)
+
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.notify.close()
+        self._log.close()
+
+
+def wait_file(path: str, timeout: float = 10.0, contains: str = "") -> str:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if os.path.exists(path):
+            with open(path) as fh:
+                text = fh.read()
+            if contains in text:
+                return text
+        time.sleep(0.05)
+    raise AssertionError(f"{path} did not appear (with {contains!r}) within {timeout}s")
