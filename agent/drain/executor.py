@@ -135,6 +135,13 @@ class Drainer:
             rec = self._new_record(event, early=True)
             return self._execute(rec, "early", resumed=False)
 
+    def pending_event(self) -> Optional[Event]:
+        """The event of a drain a killed agent left unfinished (the daemon re-dispatches it)."""
+        rec = self._record()
+        if rec and not rec.get("finished"):
+            return _event_from(rec["event"])
+        return None
+
     def resume_if_pending(self) -> Optional[DrainReport]:
         with self._lock:
             rec = self._record()
