@@ -27,6 +27,7 @@ import yaml
 from agent import metrics
 from agent.config import MetricsSection
 from agent.http_server import MetricsServer
+from agent.status_socket import query_socket
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROM_DIR = os.path.join(ROOT, "packaging", "prometheus")
@@ -251,8 +252,13 @@ def agent_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-def daemon(tmp_path, local_aws) -> Iterator[Dict[str, Any]]:
-    """`spot-agent simulate serve` and `spot-agent run` as real processes, all on loopback."""
+def daemon(request, tmp_path, local_aws) -> Iterator[Dict[str, Any]]:
+    """`spot-agent simulate serve` and `spot-agent run` as real processes, all on loopback.
+
+    Yields once the daemon answers on its status socket. ``@pytest.mark.parametrize("daemon", [False],
+    indirect=True)`` runs it with ``[metrics] enabled = false``.
+    """
+    metrics_enabled = getattr(request, "param", True)
     sim_port, metrics_port = free_port(), free_port()
     sim_log, daemon_log = str(tmp_path / "sim.log"), str(tmp_path / "daemon.log")
     procs: List[subprocess.Popen] = []
@@ -274,6 +280,7 @@ poll_interval = 0.2
 region = "us-east-1"
 endpoint_url = "{local_aws.url}"
 [metrics]
+enabled = {"true" if metrics_enabled else "false"}
 listen = "127.0.0.1:{metrics_port}"
 [drain.lifecycle]
 enabled = false
@@ -283,7 +290,14 @@ enabled = false
             proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config)],
                                     stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
         procs.append(proc)
-        wait_port(metrics_port, proc, "the daemon's metrics listener", daemon_log)
+        sock_path = str(tmp_path / "run" / "agent.sock")
+
+        def answering() -> Optional[bool]:
+            if proc.poll() is not None:
+                pytest.fail(f"the daemon exited with {proc.returncode}: {open(daemon_log).read()[-3000:]}")
+            return True if query_socket(sock_path, timeout=1.0) else None
+
+        wait_for("the daemon's status socket", answering, log=daemon_log)
         yield {"proc": proc, "config": str(config), "sim": f"http://127.0.0.1:{sim_port}", "metrics_port": metrics_port,
                "log": daemon_log}
     finally:
@@ -351,3 +365,15 @@ def test_prometheus_scrapes_the_real_daemon_through_a_simulated_notice(tmp_path,
     assert gone.returncode == 3, gone.stdout + gone.stderr
     last = json.loads(gone.stdout)
     assert last["running"] is False and last["last"]["state"] == "drained" and last["last"]["pid"] == daemon["proc"].pid
+
+
+@pytest.mark.parametrize("daemon", [False], indirect=True)
+def test_metrics_enabled_false_means_no_listener(daemon: Dict[str, Any]) -> None:
+    def ready() -> Optional[Dict[str, Any]]:
+        result = agent_cli("status", "--json", "--config", daemon["config"])
+        doc = json.loads(result.stdout) if result.returncode == 0 else {}
+        return doc if doc.get("state") == "ready" else None
+
+    wait_for("the daemon to be ready", ready, log=daemon["log"])
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", daemon["metrics_port"]), timeout=2).close()
