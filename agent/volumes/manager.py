@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -71,6 +72,7 @@ class VolumeManager:
         self.mountinfo = mountinfo
         self.settle_timeout = settle_timeout
         self.snapshot_timeout = snapshot_timeout
+        self._lock = threading.Lock()
 
     # ---- public ---------------------------------------------------------------------------------
 
@@ -141,12 +143,10 @@ class VolumeManager:
         return [known[n] for n in names]
 
     def _save(self, key: str, **fields: Any) -> Dict[str, Any]:
-        with self.state._lock:  # read-modify-write of one entry in our section
-            all_ = self.state.get(SECTION, {}) or {}
-            rec = all_.get(key, {})
+        with self._lock:  # read-modify-write of one entry in our section
+            rec = (self.state.get(SECTION, {}) or {}).get(key, {})
             rec.update(fields)
-            all_[key] = rec
-            self.state.set(SECTION, all_)
+            self.state.update(SECTION, **{key: rec})
             return rec
 
     def _up_one(self, vol: VolumeSection, result: VolumeResult, progress: Progress) -> None:
