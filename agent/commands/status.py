@@ -23,10 +23,10 @@ def register(sub) -> None:
     p = sub.add_parser("status", help="show what the daemon is doing (state, notices, mounts, datasets, checkpoints)",
                        description="Show the running daemon's status. Exit 3 when the daemon is not running.")
     p.add_argument("--json", action="store_true", help="print the status document as JSON")
-    p.add_argument("--config", default=None, help=f"config file for the socket and state paths (default {DEFAULT_CONFIG_PATH})")
-    p.add_argument("--socket", default=None, help="status socket path (overrides [agent] socket)")
-    p.add_argument("--state-file", default=None, help="state file path (overrides <state_dir>/status.json)")
-    p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the daemon's answer (default 2)")
+    p.add_argument("--config", "-c", default=None, metavar="PATH", help=f"config file for the socket and state paths (default {DEFAULT_CONFIG_PATH})")
+    p.add_argument("--socket", default=None, metavar="PATH", help="status socket path (overrides [agent] socket)")
+    p.add_argument("--state-file", default=None, metavar="PATH", help="state file path (overrides <state_dir>/status.json)")
+    p.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS", help="seconds to wait for the daemon's answer (default 2)")
     p.set_defaults(func=run)
 
 
