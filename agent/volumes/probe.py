@@ -87,7 +87,7 @@ def device_size(device: str) -> int:
 
 
 def wait_settled(device: str, runner: Runner, clock: Clock = SYSTEM_CLOCK, timeout: float = 10.0,
-                 interval: float = 0.1) -> int:
+                 interval: float = 0.05) -> int:
     """Wait until ``device`` is a readable block device whose size is non-zero and unchanged between
     two reads; run ``udevadm settle`` first where udev runs. Returns the size in bytes."""
     if shutil.which("udevadm") and os.path.exists("/run/udev/control"):
