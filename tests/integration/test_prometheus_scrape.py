@@ -195,6 +195,17 @@ def test_prometheus_sees_the_notice_and_fires_the_alert(prometheus: Prometheus) 
     assert alert["labels"]["instance"] == "i-0aaaaaaaaaaaaaaa1"
     assert "EC2 will interrupt i-0aaaaaaaaaaaaaaa1 at 20" in alert["annotations"]["description"]
 
+    # Every dashboard query runs against the real server, and the notice panels show the notice.
+    from tests.integration.test_prometheus_rules import _panel_exprs, grafana_to_promql
+
+    answers = {where: prometheus.query(grafana_to_promql(expr)) for where, expr in _panel_exprs()}
+    active = {r["metric"]["kind"]: float(r["value"][1]) for r in answers["Active notices A"]}
+    assert active["spot-interruption"] == 1 and active["manual"] == 0
+    left = answers["Time left before termination A"]
+    assert len(left) == 1 and 0 < float(left[0]["value"][1]) <= 120
+    states = {r["metric"]["state"] for r in answers["Agent state A"]}
+    assert len(states) == 1, states  # exactly one state at a time (which one depends on earlier tests)
+
 
 def test_relabeling_keeps_only_running_opted_in_instances(prometheus: Prometheus) -> None:
     def targets() -> Optional[Dict[str, Any]]:
