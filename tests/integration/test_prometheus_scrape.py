@@ -107,6 +107,9 @@ def ec2_target(instance_id: str, port: int, **tags: str) -> Dict[str, Any]:
 
 @pytest.fixture
 def agent_server() -> Iterator[MetricsServer]:
+    # The registry is process-wide: start from "no notice" whatever earlier tests recorded.
+    metrics.NOTICE_ACTIVE.labels(kind="spot-interruption").set(0)
+    metrics.DEADLINE.set(0)
     srv = MetricsServer(MetricsSection(listen="127.0.0.1:0"), lambda: True, lambda: True).start()
     try:
         yield srv
