@@ -336,6 +336,8 @@ class Drainer:
         self.timeline.append((f"thawed:{mv.name}", self.clock.time()))
         rec["snapshots"][mv.name] = res.value
         rec.setdefault("frozen_seconds", {})[mv.name] = round(res.frozen_seconds, 4)
+        rec.setdefault("freeze_breakdown", {})[mv.name] = {
+            "freeze": round(res.freeze_seconds, 4), "call": round(res.call_seconds, 4), "thaw": round(res.thaw_seconds, 4)}
         self._save(slot, rec)
         metrics.SNAPSHOTS.labels(volume=mv.name).inc()
         if res.frozen:
@@ -350,7 +352,8 @@ class Drainer:
         ec2 = self.clients.ec2
         ours = [mv.volume_id for mv in todo]
         exclude = [v for v in snaps.attached_volume_ids(ec2, self.identity.instance_id) if v not in ours]
-        common = {k: v for k, v in self._tags("", event, run).items() if k not in (snaps.TAG_VOLUME, "Name")}
+        per_volume = (snaps.TAG_VOLUME, snaps.TAG_VOLUME_NAME, "Name")
+        common = {k: v for k, v in self._tags("", event, run).items() if k not in per_volume}
         for mv in todo:
             rec["snapshot_requested"][mv.name] = True
         self._save(slot, rec)
@@ -373,7 +376,7 @@ class Drainer:
                 warnings.append(f"{mv.name}: CreateSnapshots returned no snapshot for {mv.volume_id}")
                 continue
             tags = self._tags(mv.name, event, run)
-            snaps.tag(ec2, [sid], {snaps.TAG_VOLUME: tags[snaps.TAG_VOLUME], "Name": tags["Name"]})
+            snaps.tag(ec2, [sid], {k: tags[k] for k in per_volume})
             rec["snapshots"][mv.name] = sid
             metrics.SNAPSHOTS.labels(volume=mv.name).inc()
             if res.frozen:

@@ -40,6 +40,9 @@ class FrozenCallResult:
     frozen: List[str] = field(default_factory=list)  # mount points that were frozen for the call
     warnings: List[str] = field(default_factory=list)
     in_window: bool = True  # False: the call outlived freeze_timeout and finished after thaw
+    freeze_seconds: float = 0.0  # fsfreeze -f itself (it flushes what sync -f left)
+    call_seconds: float = 0.0  # the API call while frozen (until thaw began)
+    thaw_seconds: float = 0.0
 
 
 def boot_id() -> str:
@@ -133,7 +136,7 @@ def frozen_call(volumes: List[Tuple[str, str]], call: Callable[[], Any], *, runn
     _set_records(state, records)  # before fsfreeze: a SIGKILL from here on leaves a record to thaw
     box: Dict[str, Any] = {}
     worker: Optional[threading.Thread] = None
-    t_frozen = 0.0
+    t_frozen = t_call = 0.0
     try:
         t_frozen = time.monotonic()
         for name, mountpoint in targets:
@@ -142,6 +145,8 @@ def frozen_call(volumes: List[Tuple[str, str]], call: Callable[[], Any], *, runn
                 out.frozen.append(mountpoint)
             else:
                 out.warnings.append(f"{name}: not frozen: {res.error_line()}")
+        t_call = time.monotonic()
+        out.freeze_seconds = t_call - t_frozen
         crash_point("frozen")
 
         def work() -> None:
@@ -160,6 +165,8 @@ def frozen_call(volumes: List[Tuple[str, str]], call: Callable[[], Any], *, runn
         else:
             crash_point("snapshot-call")
     finally:
+        t_thaw = time.monotonic()
+        out.call_seconds = t_thaw - t_call if t_call else 0.0
         thawed_all = True
         for mountpoint in reversed(out.frozen):
             if not thaw(runner, mountpoint):
@@ -168,6 +175,7 @@ def frozen_call(volumes: List[Tuple[str, str]], call: Callable[[], Any], *, runn
             records.pop(mountpoint, None)
         if out.frozen:
             out.frozen_seconds = time.monotonic() - t_frozen
+            out.thaw_seconds = time.monotonic() - t_thaw
         for _, mountpoint in targets:
             if mountpoint not in out.frozen:
                 records.pop(mountpoint, None)

@@ -8,6 +8,8 @@ Tags (all on every snapshot we create):
   spot-agent:managed = "true"      retention only ever deletes snapshots carrying it
   spot-agent:volume                the [[volumes]] name (retention groups by it; volumes'
                                    latest_snapshot can select by it)
+  spot-agent:volume-name           the same, under the key the volumes side and gc use
+  spot-agent:purpose = "checkpoint"
   spot-agent:instance-id, spot-agent:run, spot-agent:notice-kind, spot-agent:notice-time,
   spot-agent:notice-key            which notice took it
 """
@@ -28,6 +30,8 @@ TAG_RUN = "spot-agent:run"
 TAG_KIND = "spot-agent:notice-kind"
 TAG_TIME = "spot-agent:notice-time"
 TAG_NOTICE = "spot-agent:notice-key"
+TAG_VOLUME_NAME = "spot-agent:volume-name"  # the volumes side's name key (agent.volumes.tags), for gc
+TAG_PURPOSE = "spot-agent:purpose"
 
 
 def notice_tag(instance_id: str, key: str) -> str:
@@ -39,6 +43,8 @@ def snapshot_tags(instance_id: str, volume: str, run: str, kind: str, notice_tim
     return {
         MANAGED: "true",
         TAG_VOLUME: volume,
+        TAG_VOLUME_NAME: volume,
+        TAG_PURPOSE: "checkpoint",
         TAG_INSTANCE: instance_id,
         TAG_RUN: run or instance_id,
         TAG_KIND: kind,

@@ -30,7 +30,7 @@ from agent.runner import Runner
 
 log = logging.getLogger(__name__)
 
-POLL = 0.05
+POLL = 0.02
 
 
 @dataclass
