@@ -32,6 +32,14 @@ log = logging.getLogger(__name__)
 DEFAULT_SHUTDOWN_BUDGET = 90.0
 
 
+def current_boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
 def unit_stop_timeout(unit: str = "spot-agent.service") -> Optional[float]:
     """The unit's TimeoutStopSec, read once at startup (never on the drain's hot path)."""
     if not os.environ.get("INVOCATION_ID") and not os.path.isdir("/run/systemd/system"):
@@ -70,6 +78,7 @@ class Daemon:
         self.queue: "queue.SimpleQueue[tuple]" = queue.SimpleQueue()
         self.ctx: Optional[Context] = None
         self.supervisor = Supervisor(config, clock, on_change=self.changed)
+        self.supervisor.on_drained = self._record_drained
         self.started_at = clock.time()
         self.ready = threading.Event()
         self.startup_error = ""
@@ -227,24 +236,19 @@ class Daemon:
 
     # -- servers ------------------------------------------------------------------------------
     def _start_servers(self) -> None:
+        from agent.http_server import MetricsServer
+        from agent.status_socket import StatusServer
+
         if self.config.metrics.enabled:
             try:
-                from agent.http_server import MetricsServer
-
                 self._http = MetricsServer(self.config.metrics, self.alive, self.ready.is_set)
                 self._http.start()
-            except ImportError:
-                log.warning("metrics endpoint not available in this build")
             except OSError as exc:
                 log.error("metrics endpoint %s: %s (continuing without it)", self.config.metrics.listen, exc)
                 self._http = None
         try:
-            from agent.status_socket import StatusServer
-
             self._status_server = StatusServer(self.config.agent.socket, self.status)
             self._status_server.start()
-        except ImportError:
-            pass
         except OSError as exc:
             log.error("status socket %s: %s (continuing without it)", self.config.agent.socket, exc)
             self._status_server = None
@@ -270,8 +274,21 @@ class Daemon:
             metrics.IMDS_DISABLED.set(1)
         log.info("instance %s (%s) in %s", ctx.identity.instance_id or "?", ctx.identity.instance_type or "?",
                  ctx.identity.availability_zone or "?")
+        drained = self._drained_this_boot(ctx)
+        if drained:
+            log.warning("this boot's termination (%s) was already drained by an earlier run; not draining again", drained)
+            self.supervisor.mark_drained(drained)
         self._start_watchers(ctx)
         self._attach_drainer(ctx)
+        if self.supervisor.drain_started.is_set():
+            # Draining (resumed) or drained: bringing up volumes or pre-warming now would only race the
+            # snapshot. Wait for the drain, then report READY so systemd does not time the unit out.
+            while not self.supervisor.drain_done.wait(5.0):
+                self.notifier.extend_timeout(30)
+            self.ready.set()
+            self.notifier.ready("drained")
+            self.changed()
+            return
         if self.volume_manager is not None and cfg.volumes:
             self._volumes_up(ctx)
         self._restore_and_prewarm(ctx)
@@ -312,12 +329,27 @@ class Daemon:
         if flipped:
             self.changed()
 
+    def _record_drained(self, event: Event, report: Any) -> None:
+        """Remember, for this boot, that the termination was drained: a restarted agent must not
+        drain again when the shutdown's SIGTERM arrives (one drain per termination)."""
+        if self.ctx is not None:
+            self.ctx.state.update("termination", boot_id=current_boot_id(), kind=event.kind, at=self.clock.time())
+
+    def _drained_this_boot(self, ctx: Context) -> Optional[str]:
+        rec = ctx.state.get("termination", {}) or {}
+        if rec.get("boot_id") and rec.get("boot_id") == current_boot_id():
+            return rec.get("kind") or "?"
+        return None
+
     def _attach_drainer(self, ctx: Context) -> None:
-        try:
+        from agent.drain.executor import Drainer
+        from agent.drain.freeze import thaw_leftovers
+
+        for mountpoint in thaw_leftovers(ctx.state, ctx.runner):
+            log.warning("thawed %s, left frozen by an earlier run", mountpoint)
+        if self.config.volumes:
             from agent.volumes.manager import VolumeManager
-        except ImportError:
-            VolumeManager = None  # type: ignore[assignment]
-        if VolumeManager is not None and self.config.volumes:
+
             self.volume_manager = VolumeManager(self.config.volumes, self.config.host, ctx.clients, ctx.identity,
                                                 ctx.state, ctx.runner, self.clock)
         if self.config.checkpoints and ctx.clients is not None:
@@ -325,21 +357,14 @@ class Daemon:
 
             self.checkpoint_stores = [CheckpointStore(ctx.clients.s3, ck, self.config.transfer, self.config.agent.state_dir)
                                       for ck in self.config.checkpoints]
-        try:
-            from agent.drain.executor import Drainer
-            from agent.drain.freeze import thaw_leftovers
-        except ImportError:
-            return
-        thawed = thaw_leftovers(ctx.state, ctx.runner)
-        for mountpoint in thawed:
-            log.warning("thawed %s, left frozen by an earlier run", mountpoint)
         mounted = self.volume_manager.mounted if self.volume_manager is not None else (lambda: {})
         drainer = Drainer(self.config, ctx.clients, ctx.identity, ctx.state, ctx.runner, self.clock,
                           mounted, self.checkpoint_stores, progress=self.set_status)
         self.supervisor.drainer = drainer
-        pending = getattr(drainer, "pending_event", lambda: None)()
-        if pending is not None:
-            log.warning("resuming the drain interrupted by a restart (%s)", pending.kind)
+        pending = drainer.pending_event()
+        if pending is not None and not self.supervisor.drain_started.is_set():
+            log.warning("resuming the drain interrupted by a restart (%s)", pending.kind,
+                        extra={"journal": {"EVENT_KIND": pending.kind}})
             self.supervisor.dispatch(pending)
 
     def _volumes_up(self, ctx: Context) -> None:

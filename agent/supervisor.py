@@ -43,6 +43,7 @@ class Supervisor:
         self.clock = clock
         self.drainer = drainer
         self.on_change = on_change or (lambda: None)
+        self.on_drained: Optional[Callable[[Event, Any], None]] = None
         self.notices: Dict[str, Event] = {}
         self.pending_scheduled: Dict[str, Event] = {}
         self.terminal_event: Optional[Event] = None
@@ -126,13 +127,24 @@ class Supervisor:
         return "cancelled"
 
     def _rebalance(self, event: Event) -> None:
-        run_hooks(self.config.hooks, event)
+        # rebalance = "drain" runs the whole plan, whose notify step runs the hooks itself.
+        if self.drainer is None or self.config.drain.rebalance != "drain":
+            run_hooks(self.config.hooks, event)
         if self.drainer is not None and self.config.drain.rebalance != "none" and not self.drain_started.is_set():
             try:
                 self.drainer.early(event)
             except Exception:  # noqa: BLE001
                 log.exception("early plan for the rebalance recommendation failed")
         self.on_change()
+
+    def mark_drained(self, kind: str) -> None:
+        """This boot's termination was already drained by an earlier run of the agent: never again."""
+        with self._lock:
+            self.terminal_event = Event(kind, "", None, "earlier-run", self.clock.time(), {})
+            self.drain_started.set()
+            self.drain_done.set()
+            self.drain_report = _HooksReport(kind, True, [])
+        metrics.set_state("drained")
 
     def _start_drain(self, event: Event) -> str:
         with self._lock:
@@ -162,6 +174,8 @@ class Supervisor:
             metrics.set_state("failed")
         finally:
             self.drain_done.set()
+            if self.on_drained is not None:
+                self.on_drained(event, self.drain_report)
             self.on_change()
 
     def _hooks_only_drain(self, event: Event) -> Any:

@@ -25,6 +25,8 @@ region = "us-east-1"
 endpoint_url = "http://127.0.0.1:9"
 [metrics]
 enabled = false
+[drain.lifecycle]
+enabled = false
 [[hooks]]
 on = ["spot-interruption", "rebalance-recommendation", "scheduled-maintenance", "asg-termination", "shutdown"]
 command = ["{hook}"]
@@ -198,3 +200,19 @@ def test_cli_basics():
     assert r.returncode == 2 and "invalid choice" in r.stderr
     r = run_cli("simulate", "serve", "--listen", "nope")
     assert r.returncode == 2 and "--listen must be HOST:PORT" in r.stderr
+
+
+def test_restarted_after_a_drain_does_not_drain_again_at_shutdown(agent, imds_sim, hook, tmp_path):
+    a = agent()
+    a.wait_ready()
+    imds_sim.control("spot", {"action": "terminate", "in": 60})
+    wait_file(hook[1], contains="spot-interruption")
+    wait_file(str(tmp_path / "state" / "status.json"), contains='"state": "drained"')
+    a.proc.kill()  # e.g. systemd restarted it after the drain finished
+    a.proc.wait()
+    b = agent()
+    b.wait_ready()
+    wait_file(str(tmp_path / "state" / "status.json"), contains='"state": "drained"')
+    b.signal(signal.SIGTERM)
+    assert b.wait_exit() == 0
+    assert [r[0] for r in lines(hook[1])] == ["spot-interruption"]
