@@ -68,6 +68,19 @@ class SimState:
 BLOCK_DEVICES = {"ami": "xvda", "root": "/dev/xvda"}
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False  # a hanging answer must not hold up stop()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        # A client that hangs up mid-request (agents being killed, timeouts) is normal here.
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
+
+
 class IMDSSimulator:
     def __init__(self, host: str = "127.0.0.1", port: int = 1338, identity: Optional[Identity] = None,
                  require_v2: bool = True) -> None:
@@ -78,9 +91,7 @@ class IMDSSimulator:
         class Handler(_Handler):
             simulator = sim
 
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.block_on_close = False  # a hanging answer must not hold up stop()
+        self.httpd = _Server((host, port), Handler)
         self.stopped = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
