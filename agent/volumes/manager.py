@@ -77,10 +77,26 @@ class VolumeManager:
     # ---- public ---------------------------------------------------------------------------------
 
     def mounted(self) -> Dict[str, MountedVolume]:
+        """What we mounted (from state, so it survives restarts), confirmed against the live mount
+        table: after a reboot a stale record must not send the drain to freeze whatever filesystem now
+        holds that directory (the root filesystem)."""
+        try:
+            mounts = F.read_mounts(self.mountinfo)
+        except OSError:
+            mounts = None
         out = {}
         for name, rec in (self.state.get(SECTION, {}) or {}).items():
-            if rec.get("mounted"):
-                out[name] = MountedVolume.from_dict(rec)
+            if not rec.get("mounted"):
+                continue
+            if mounts is not None:
+                here = F.mount_at(mounts, rec.get("mountpoint", ""))
+                try:
+                    live = here is not None and here.major_minor == F.major_minor(rec.get("device", ""))
+                except OSError:
+                    live = False
+                if not live:
+                    continue
+            out[name] = MountedVolume.from_dict(rec)
         return out
 
     def records(self) -> Dict[str, Dict[str, Any]]:

@@ -186,3 +186,18 @@ def test_multi_attach_with_data_is_mounted_read_only(host, fs):
     assert opts.startswith("ro")
     mv = mgr.mounted()["shared"]
     assert mv.multi_attach and mv.read_only and not mv.snapshot_on_drain
+
+
+def test_mounted_survives_a_restart_but_not_a_lost_mount(host):
+    vid = _new_volume(host)
+    mnt = host.mnt("data")
+    cfg = [volume("data", mnt, fs="ext4", volume_id=vid, delete_on_termination=True)]
+    assert host.manager(cfg).up()[0].ok
+    again = host.manager(cfg)  # a new process reading the same state
+    assert list(again.mounted()) == ["data"] and again.mounted()["data"].volume_id == vid
+    # delete_on_termination was set on the attachment
+    inst = host.aws.ec2.describe_instances(InstanceIds=[host.identity.instance_id])["Reservations"][0]["Instances"][0]
+    [bdm] = [m for m in inst["BlockDeviceMappings"] if m["Ebs"]["VolumeId"] == vid]
+    assert bdm["Ebs"]["DeleteOnTermination"] is True
+    subprocess.run(["umount", mnt], check=True)  # as after a reboot: state says mounted, it is not
+    assert again.mounted() == {}
