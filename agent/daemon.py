@@ -90,6 +90,7 @@ class Daemon:
         self.checkpoint_stores: List[Any] = []
         self.volume_manager: Any = None
         self.last_checkpoint: Optional[Dict[str, Any]] = None
+        self._drain_finished_at: Optional[float] = None
         self._stop = threading.Event()
         self._status_lock = threading.Lock()
         self._http: Any = None
@@ -124,7 +125,7 @@ class Daemon:
         snaps = getattr(report, "snapshots", None) or {}
         if snaps:
             name, snap = sorted(snaps.items())[-1]
-            last_snapshot = {"volume": name, "snapshot_id": snap, "created_at": getattr(report, "finished_at", None)}
+            last_snapshot = {"volume": name, "snapshot_id": snap, "created_at": self._drain_finished_at}
         steps = [s.to_dict() if hasattr(s, "to_dict") else dict(getattr(s, "__dict__", {}))
                  for s in (getattr(report, "steps", None) or [])]
         return {
@@ -146,7 +147,10 @@ class Daemon:
             "last_snapshot": last_snapshot,
             "drain": {"state": "none" if not sup.drain_started.is_set() else ("done" if sup.drain_done.is_set() else "running"),
                       "kind": sup.terminal_event.kind if sup.terminal_event else "",
-                      "ok": getattr(report, "ok", None), "steps": steps},
+                      "ok": getattr(report, "ok", None), "steps": steps,
+                      "snapshots": dict(snaps), "checkpoint_ids": dict(getattr(report, "checkpoint_ids", None) or {}),
+                      "lifecycle_completed": getattr(report, "lifecycle_completed", None),
+                      "margin_seconds": getattr(report, "margin_seconds", None)},
         }
 
     def changed(self) -> None:
@@ -332,6 +336,9 @@ class Daemon:
     def _record_drained(self, event: Event, report: Any) -> None:
         """Remember, for this boot, that the termination was drained: a restarted agent must not
         drain again when the shutdown's SIGTERM arrives (one drain per termination)."""
+        self._drain_finished_at = self.clock.time()
+        for name, checkpoint_id in (getattr(report, "checkpoint_ids", None) or {}).items():
+            self.last_checkpoint = {"name": name, "checkpoint_id": checkpoint_id, "committed_at": self._drain_finished_at}
         if self.ctx is not None:
             self.ctx.state.update("termination", boot_id=current_boot_id(), kind=event.kind, at=self.clock.time())
 
