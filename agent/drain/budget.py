@@ -117,7 +117,8 @@ def _terminal_plan(event: Event, config: Config, now: float, shutdown_budget: fl
     retention = Step(RETENTION, 0.0, 0.0, detail=f"keep the last {d.keep_snapshots} snapshots per volume (ours only)")
     life = Step(LIFECYCLE, d.lifecycle_reserve, 0.0, persist=True, reserve=d.lifecycle_reserve,
                 detail=("CompleteLifecycleAction CONTINUE" + (f" ({d.lifecycle.group}/{d.lifecycle.hook})" if d.lifecycle.group else "")
-                        + f", heartbeats every {d.lifecycle.heartbeat_interval:g} s") if lifecycle else "not in an Auto Scaling group with a terminating hook")
+                        + f", heartbeats every {d.lifecycle.heartbeat_interval:g} s") if lifecycle else ("[drain.lifecycle] enabled = false" if not d.lifecycle.enabled
+                                   else "not in an Auto Scaling group with a terminating hook"))
 
     for step, missing in ((snap, not volumes), (upload, not stores), (life, not lifecycle)):
         if missing:

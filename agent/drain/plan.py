@@ -108,7 +108,7 @@ class Plan:
                                                        else f"{s.budget:6.1f} s")
             line = f"  {n}. {s.name:<10} {budget:>8}  {s.state:<8} {s.detail}"
             lines.append(line.rstrip())
-            if s.reason:
+            if s.reason and s.reason != s.detail:
                 lines.append(f"     {'':<10} {'':>8}  -> {s.reason}")
         for note in self.notes:
             lines.append(f"  note: {note}")

@@ -199,3 +199,26 @@ def test_a_step_skipped_for_time_is_reconsidered_when_it_comes_up():
     nothing = build_plan(spot(120), parse(""), NOW, 90)
     assert nothing.step("wait").structural_skip
     assert nothing.budget_at("wait", NOW) == 0.0
+
+
+def test_examples_have_sensible_plans():
+    import glob
+    import os
+
+    from agent.drain.budget import snapshot_volume_names
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    files = sorted(glob.glob(os.path.join(root, "examples", "*.toml")))
+    assert files, "no examples/*.toml"
+    for path in files:
+        with open(path) as fh:
+            cfg = parse(fh.read(), path)
+        for kind, left in (("spot-interruption", 120), ("shutdown", None)):
+            ev = Event(kind, "terminate" if kind == "spot-interruption" else "", None if left is None else NOW + left, "k", NOW)
+            plan = build_plan(ev, cfg, NOW, 90)
+            text = plan.render()
+            assert text.startswith(f"drain plan for {kind}"), path
+            snap = plan.step("snapshot")
+            assert (snap.state != "skipped") == bool(snapshot_volume_names(cfg)), (path, text)
+            assert all(s.state != "skipped" or s.reason for s in plan.steps), (path, text)
+            assert plan.deadline - plan.now - plan.margin >= sum(s.budget for s in plan.steps) - 1e-6, (path, text)
