@@ -28,7 +28,8 @@ class ProbeResult:
 
     @property
     def blank(self) -> bool:
-        return not self.fs_type and not self.pt_type and not self.fields.get("USAGE")
+        """Nothing at all found: any field but DEVNAME (a signature blkid cannot name) is not blank."""
+        return not any(k != "DEVNAME" for k in self.fields)
 
     @property
     def fs_type(self) -> str:
@@ -51,7 +52,8 @@ class ProbeResult:
             return f"a {self.fs_type} signature" + (f" (label {label!r})" if label else "")
         if self.fields.get("USAGE"):
             return f"a {self.fields['USAGE']} signature"
-        return "nothing"
+        other = ", ".join(f"{k}={v}" for k, v in sorted(self.fields.items()) if k != "DEVNAME")
+        return f"an unrecognised signature ({other})" if other else "nothing"
 
 
 def parse_export(text: str) -> Dict[str, str]:

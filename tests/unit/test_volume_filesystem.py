@@ -54,6 +54,9 @@ def test_probe_result_describes_what_it_found():
     assert not fs.blank and fs.uuid == "1" and fs.describe() == "a xfs signature (label 'data')"
     raid = ProbeResult("/dev/x", parse_export("TYPE=linux_raid_member\nUSAGE=raid\n"))
     assert not raid.blank
+    odd = ProbeResult("/dev/x", parse_export("DEVNAME=/dev/x\nPART_ENTRY_SCHEME=gpt\n"))
+    assert not odd.blank and "unrecognised signature (PART_ENTRY_SCHEME=gpt)" in odd.describe()
+    assert ProbeResult("/dev/x", {"DEVNAME": "/dev/x"}).blank
 
 
 def test_growth_parsers_and_threshold():
