@@ -82,3 +82,32 @@ def test_client_token_and_cleanup(aws, scratch_dir, instance):
     listed = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     assert sim.volume_file(a) not in listed and loop and disks
     assert os.listdir(os.path.join(scratch_dir, "d", "disk", "by-id")) == []
+
+
+def test_standalone_server_gives_real_devices_and_cleans_up_on_sigterm(scratch_dir):
+    """`python -m agent.sim.blockdevs`: moto and the patch in their own process, for the demo."""
+    import signal
+    import sys
+
+    from agent.aws import make_clients
+    from agent.config import AWSSection
+
+    d = {k: os.path.join(scratch_dir, k) for k in ("files", "dev", "sys")}
+    proc = subprocess.Popen([sys.executable, "-m", "agent.sim.blockdevs", "--port", "0", "--root", d["files"],
+                             "--dev-root", d["dev"], "--sys-root", d["sys"]],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:")
+        ec2 = make_clients(AWSSection(endpoint_url=url), "us-east-1").ec2
+        inst = ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1)["Instances"][0]
+        vid = ec2.create_volume(AvailabilityZone=inst["Placement"]["AvailabilityZone"], Size=1)["VolumeId"]
+        ec2.attach_volume(VolumeId=vid, InstanceId=inst["InstanceId"], Device="/dev/sdf")
+        link = os.path.join(d["dev"], "disk", "by-id", "nvme-Amazon_Elastic_Block_Store_" + vid.replace("-", ""))
+        loop = os.path.realpath(link)
+        assert loop.startswith("/dev/loop")
+        assert os.path.join(d["files"], f"{vid}.img") in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert os.path.join(d["files"], f"{vid}.img") not in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
