@@ -66,7 +66,11 @@ class Drainer:
         self.progress = progress
         self.workload = Workload(config.drain.workload, config.hooks, runner)
         self.shutdown_budget = self._read_shutdown_budget()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one terminal drain at a time
+        self._early_lock = threading.Lock()  # one early (rebalance) checkpoint at a time
+        self._freeze_lock = threading.Lock()  # one frozen window at a time (early and final never overlap)
+        self._store_locks = [threading.Lock() for _ in self.stores]
+        self._terminating = threading.Event()  # an early checkpoint stops between steps once this is set
         self._target: Optional[lc.LifecycleTarget] = None
         self._target_known = False  # discovery answered (with a target or with "none")
         self.timeline: List[Tuple[str, float]] = []
@@ -118,6 +122,7 @@ class Drainer:
 
     def run(self, event: Event) -> DrainReport:
         """Drain for ``event``: once per termination. The same notice again returns the first report."""
+        self._terminating.set()
         with self._lock:
             rec = self._record()
             if rec and rec.get("key") == event.key and rec.get("finished"):
@@ -130,10 +135,17 @@ class Drainer:
             return self._execute(rec, "run", resumed=False)
 
     def early(self, event: Event) -> DrainReport:
-        """The rebalance plan (``[drain] rebalance``): by default an early checkpoint, workload untouched."""
-        with self._lock:
+        """The rebalance plan (``[drain] rebalance``): by default an early checkpoint, workload untouched.
+
+        Runs beside the daemon's other work; a termination drain starting meanwhile makes it stop
+        after its current step (the frozen window and each store's upload are never concurrent)."""
+        if not self._early_lock.acquire(blocking=False):
+            return DrainReport(event.kind, True, [StepReport("early", "skipped", 0.0, "an early checkpoint is already running")])
+        try:
             rec = self._new_record(event, early=True)
             return self._execute(rec, "early", resumed=False)
+        finally:
+            self._early_lock.release()
 
     def pending_event(self) -> Optional[Event]:
         """The event of a drain a killed agent left unfinished (the daemon re-dispatches it)."""
@@ -143,6 +155,10 @@ class Drainer:
         return None
 
     def resume_if_pending(self) -> Optional[DrainReport]:
+        rec = self._record()
+        if not rec or rec.get("finished"):
+            return None
+        self._terminating.set()
         with self._lock:
             rec = self._record()
             if not rec or rec.get("finished"):
@@ -183,6 +199,10 @@ class Drainer:
         try:
             for step in plan.steps:
                 if step.name in done:
+                    continue
+                if slot == "early" and self._terminating.is_set():
+                    rec["steps"][step.name] = {"state": "skipped", "seconds": 0.0,
+                                               "reason": "a termination drain started"}
                     continue
                 self._run_step(plan, step.name, event, rec, slot, done)
                 crash_point(step.name)
@@ -330,9 +350,10 @@ class Drainer:
             self.timeline.append((f"snapshot-requested:{mv.name}", self.clock.time()))
             return snaps.create_snapshot(ec2, mv.volume_id, tags, description)
 
-        res = frozen_call([(mv.name, mv.mountpoint)], call, runner=self.runner, state=self.state,
-                          freeze_timeout=self.config.drain.freeze_timeout, budget=budget,
-                          never_freeze=self.config.agent.state_dir)
+        with self._freeze_lock:
+            res = frozen_call([(mv.name, mv.mountpoint)], call, runner=self.runner, state=self.state,
+                              freeze_timeout=self.config.drain.freeze_timeout, budget=budget,
+                              never_freeze=self.config.agent.state_dir)
         self.timeline.append((f"thawed:{mv.name}", self.clock.time()))
         rec["snapshots"][mv.name] = res.value
         rec.setdefault("frozen_seconds", {})[mv.name] = round(res.frozen_seconds, 4)
@@ -363,9 +384,10 @@ class Drainer:
             return snaps.create_snapshots(ec2, self.identity.instance_id, ours, exclude, common, description)
 
         left = max(1.0, budget - (time.monotonic() - started))
-        res = frozen_call([(mv.name, mv.mountpoint) for mv in todo], call, runner=self.runner, state=self.state,
-                          freeze_timeout=self.config.drain.freeze_timeout, budget=left,
-                          never_freeze=self.config.agent.state_dir)
+        with self._freeze_lock:
+            res = frozen_call([(mv.name, mv.mountpoint) for mv in todo], call, runner=self.runner, state=self.state,
+                              freeze_timeout=self.config.drain.freeze_timeout, budget=left,
+                              never_freeze=self.config.agent.state_dir)
         self.timeline.append(("thawed:*", self.clock.time()))
         by_volume: Dict[str, str] = res.value or {}
         warnings = list(res.warnings)
@@ -396,7 +418,15 @@ class Drainer:
             name = self._store_name(i, store)
             if name in rec["checkpoint_ids"]:
                 continue
-            result = store.upload(deadline=deadline, reason=f"drain:{event.kind}")
+            lock = self._store_locks[i]
+            # the final upload waits (within its budget) for an early one of the same store to end
+            if not lock.acquire(timeout=max(0.0, deadline - self.clock.time()) if slot == "run" else 0):
+                errors.append(f"{name}: another upload of this checkpoint was still running")
+                continue
+            try:
+                result = store.upload(deadline=deadline, reason=f"drain:{event.kind}")
+            finally:
+                lock.release()
             if getattr(result, "committed", False):
                 rec["checkpoint_ids"][name] = str(getattr(result, "checkpoint_id", ""))
                 self._save(slot, rec)

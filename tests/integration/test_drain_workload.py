@@ -164,3 +164,26 @@ def test_rebalance_takes_an_early_snapshot_and_leaves_the_workload_running(drain
     assert proc.poll() is None
     assert not lifecycle_calls("CompleteLifecycleAction")
     assert len(drain_env.snapshots()) == 1
+
+
+def test_a_termination_during_an_early_checkpoint_takes_over(drain_env):
+    started = threading.Event()
+    drain_env.host.sim.on_snapshot.append(lambda sid, vid: started.set())
+    drain_env.host.sim.snapshot_delay = 1.5
+    drainer = drain_env.drainer(drain_env.config(workload='wait = "none"\n'))
+    early = {}
+    t = threading.Thread(target=lambda: early.update(report=drainer.early(
+        Event("rebalance-recommendation", "", None, "rebalance:2", time.time()))))
+    try:
+        t.start()
+        assert started.wait(10)
+        report = drainer.run(spot())
+        t.join(20)
+    finally:
+        drain_env.host.sim.snapshot_delay = 0.0
+    assert report.ok and report.step("snapshot").state == "ok"
+    assert early["report"].step("snapshot").state == "ok"
+    assert early["report"].step("retention").state == "skipped"
+    assert "termination" in early["report"].step("retention").reason
+    assert len(drain_env.snapshots()) == 2
+    assert writable(drain_env.mnt)
