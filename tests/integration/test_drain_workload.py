@@ -187,3 +187,49 @@ def test_a_termination_during_an_early_checkpoint_takes_over(drain_env):
     assert "termination" in early["report"].step("retention").reason
     assert len(drain_env.snapshots()) == 2
     assert writable(drain_env.mnt)
+
+
+def test_systemd_unit_is_signalled_with_systemctl_kill(drain_env, tmp_path):
+    # systemd is not PID 1 here, so a stand-in `systemctl` (first on PATH for the agent's Runner)
+    # answers MainPID and delivers the signal the way `systemctl kill --kill-whom=main` would.
+    from agent.runner import Runner
+
+    proc = drain_env.start_workload()
+    log = tmp_path / "systemctl.log"
+    fake = tmp_path / "bin" / "systemctl"
+    fake.parent.mkdir()
+    fake.write_text(f"""#!/bin/sh
+echo "$@" >> {log}
+case "$1" in
+  show) cat {drain_env.pidfile} ;;
+  kill) sig=$(echo "$2" | sed 's/--signal=//'); kill -s "${{sig#SIG}}" "$(cat {drain_env.pidfile})" ;;
+esac
+""")
+    fake.chmod(0o755)
+    runner = Runner(env={"PATH": f"{fake.parent}:{os.environ['PATH']}"})
+    cfg = drain_env.config(workload='unit = "train.service"\nwait = "process"\ncheckpoint_timeout = 20\n')
+    report = drain_env.drainer(cfg, runner=runner).run(spot())
+    assert report.step("notify").state == "ok", report.steps
+    assert report.step("wait").state == "ok"  # the unit's main process exited
+    assert proc.wait(5) == 0
+    calls = log.read_text().splitlines()
+    assert "show -p MainPID --value train.service" in calls
+    assert "kill --signal=SIGTERM --kill-whom=main train.service" in calls
+
+
+def test_metrics_record_the_drain(drain_env):
+    from agent import metrics
+
+    def value(name, **labels):
+        return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = (value("spot_agent_snapshots_created_total", volume="ckpt"),
+              value("spot_agent_lifecycle_actions_completed_total"), value("spot_agent_drains_total", result="success"))
+    report = drain_env.drainer(drain_env.config(workload='wait = "none"\n')).run(spot())
+    assert report.ok
+    assert value("spot_agent_snapshots_created_total", volume="ckpt") == before[0] + 1
+    assert value("spot_agent_lifecycle_actions_completed_total") == before[1] + 1
+    assert value("spot_agent_drains_total", result="success") == before[2] + 1
+    assert 0 < value("spot_agent_last_freeze_duration_seconds", volume="ckpt") < 10
+    assert value("spot_agent_drain_step_duration_seconds_count", step="snapshot") >= 1
+    assert value("spot_agent_drain_margin_seconds") > 100
