@@ -62,7 +62,7 @@ def _type_name(tp: Any) -> str:
     if origin in (list, List):
         return "array"
     if origin in (dict, Dict):
-        return "table"
+        return "inline table"
     if dataclasses.is_dataclass(tp):
         return "table"
     return {bool: "boolean", int: "integer", float: "number", str: "string"}.get(tp, str(tp))
