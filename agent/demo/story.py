@@ -66,7 +66,7 @@ def boot_marks(messages: List[Tuple[float, str]], ready_at: float) -> List[Tuple
         if at > ready_at or not line.startswith("STATUS="):
             continue
         text = line[len("STATUS="):]
-        if _PROGRESS.search(text) or text.startswith(("ready", "draining", "drain ")):
+        if _PROGRESS.search(text) or text.startswith(("ready", "draining", "drain ")) or text == "starting":
             continue
         if out and out[-1][1] == text:
             continue
@@ -96,7 +96,7 @@ def drain_steps(rec: Dict[str, Any]) -> List[Dict[str, Any]]:
     return out
 
 
-def describe_step(step: Dict[str, Any]) -> str:
+def describe_step(step: Dict[str, Any], early: bool = False) -> str:
     reason = step.get("reason") or ""
     what = {
         "notify": "told the workload to checkpoint",
@@ -106,7 +106,7 @@ def describe_step(step: Dict[str, Any]) -> str:
         "retention": "snapshot retention",
         "lifecycle": "CompleteLifecycleAction",
     }.get(step["name"], step["name"])
-    return f"drain {step['name']}: {what}" + (f" ({reason})" if reason else "")
+    return f"{'' if early else 'drain '}{step['name']}: {what}" + (f" ({reason})" if reason else "")
 
 
 class Story:
@@ -185,8 +185,7 @@ class Story:
             early = one.wait_drain("early", timeout=30)
             for step in drain_steps(early):
                 if step["state"] != "skipped":
-                    self.say(one.name, f"early checkpoint {step['name']}: workload keeps running"
-                             + (f" ({step['reason']})" if step["reason"] else ""),
+                    self.say(one.name, "early checkpoint, workload keeps running: " + describe_step(step, early=True),
                              at=step["start"], seconds=step["seconds"], state=step["state"])
         one.wait_step(s.train_steps_before_notice)
         notice_at = time.time()
@@ -270,15 +269,16 @@ class Story:
                    f"{margin:.1f} s to spare" if margin is not None else "no margin reported")
         self.check("final checkpoint written", final_step is not None and final_step > 0,
                    f"step {final_step}")
-        missing = sorted(k for k in saved if restored.get(k) != saved[k])
-        self.check("checkpoint sha256 after restore", bool(saved) and not missing,
-                   f"{len(saved)} checkpoint files identical on {two.name}" if saved and not missing
-                   else f"not restored or different: {', '.join(missing[:5]) or 'nothing saved'}")
         can_resume = bool(env.block_devices) or self.s3_checkpoints
+        missing = sorted(k for k in saved if restored.get(k) != saved[k])
         if can_resume:
+            self.check("checkpoint sha256 after restore", bool(saved) and not missing,
+                       f"{len(saved)} checkpoint files identical on {two.name}" if saved and not missing
+                       else f"not restored or different: {', '.join(missing[:5]) or 'nothing saved'}")
             self.check("resumed step > 0", resumed is not None and resumed > 0 and resumed == final_step,
                        f"resumed at {resumed}, drain saved {final_step}")
         else:
+            self.check("checkpoint sha256 after restore", None, "nothing restores it in this run (see below)")
             self.check("resumed step > 0", None, "no block devices and no S3 checkpoint store in this build: "
                                                  "nothing can carry the checkpoint to the next instance")
         if env.block_devices:

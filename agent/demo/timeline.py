@@ -53,89 +53,119 @@ def fmt_seconds(seconds: Optional[float]) -> str:
     return f"{seconds:.1f} s"
 
 
-def render_text(timeline: Timeline, width: int = 100) -> str:
-    lanes = sorted({m.lane for m in timeline.marks}, key=len)
-    lane_w = max([len(lane) for lane in lanes] + [5])
+def render_text(timeline: Timeline) -> str:
+    """One line per mark: offset, lane, how long the step took (blank for an instant), what happened."""
+    lane_w = max([len(m.lane) for m in timeline.marks] + [5])
     lines = []
     for m in timeline.ordered():
-        offset = f"+{m.at - timeline.t0:5.1f}s"
-        took = fmt_seconds(m.seconds)
         state = f"[{m.state}] " if m.state else ""
-        text = f"{state}{m.what}"
-        room = width - len(offset) - lane_w - 4 - (len(took) + 2 if took else 0)
-        if len(text) > room > 10:
-            text = text[: room - 1] + "…"
-        line = f"  {offset}  {m.lane:<{lane_w}}  {text}"
-        if took:
-            line = f"{line:<{width - len(took)}}{took}"
-        lines.append(line.rstrip())
+        lines.append(f"  +{m.at - timeline.t0:5.1f}s  {m.lane:<{lane_w}}  {fmt_seconds(m.seconds):>7}  {state}{m.what}".rstrip())
     return "\n".join(lines)
 
 
 # ---- SVG ----------------------------------------------------------------------------------------
 
 _COLORS = {"ok": "#2e7d32", "cut": "#f9a825", "skipped": "#9e9e9e", "failed": "#c62828", "": "#1565c0"}
+_LEFT, _PLOT_W, _RIGHT, _ROW = 150, 720, 150, 30
 
 
 def render_svg(drain: Dict[str, Any], title: str = "spot-agent drain") -> str:
-    """The drain as a Gantt chart: one bar per step on a time axis from the notice to the deadline.
+    """The drain in two panels: the whole notice window (notice -> deadline, with the time to spare),
+    then the drain itself zoomed in, one bar per step.
 
-    ``drain`` is the demo's drain data: ``notice_at``, ``deadline``, ``finished_at`` (epochs) and
-    ``steps`` (``name``, ``state``, ``start``, ``seconds``, ``reason``).
+    ``drain`` is the demo's drain data: ``notice_at``, ``detected_at``, ``deadline``, ``finished_at``
+    (epochs), ``window`` and ``steps`` (``name``, ``state``, ``start``, ``seconds``, ``reason``).
     """
     steps = list(drain.get("steps") or [])
     notice = float(drain.get("notice_at") or (steps[0]["start"] if steps else 0.0))
     deadline = float(drain.get("deadline") or notice + 1.0)
     finished = float(drain.get("finished_at") or deadline)
-    span = max(deadline - notice, finished - notice, 1.0)
-    left, right, top, row = 150, 40, 70, 34
-    plot_w = 760
-    height = top + row * max(1, len(steps)) + 90
-    width = left + plot_w + right
-
-    def x(t: float) -> float:
-        return left + plot_w * max(0.0, t - notice) / span
-
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="13">',
-           f'<rect width="{width}" height="{height}" fill="white"/>',
-           f'<text x="{left}" y="28" font-size="17" font-weight="bold">{html.escape(title)}</text>',
-           f'<text x="{left}" y="48" fill="#555">{html.escape(_subtitle(drain, finished, deadline))}</text>']
-    # time axis with a tick every "nice" interval
-    axis_y = top + row * max(1, len(steps)) + 10
-    tick = _nice_tick(span)
-    t = 0.0
-    while t <= span + 1e-9:
-        xx = x(notice + t)
-        out.append(f'<line x1="{xx:.1f}" y1="{top - 8}" x2="{xx:.1f}" y2="{axis_y}" stroke="#eee"/>')
-        out.append(f'<text x="{xx:.1f}" y="{axis_y + 16}" text-anchor="middle" fill="#555">{t:g} s</text>')
-        t += tick
-    out.append(f'<line x1="{left}" y1="{axis_y}" x2="{left + plot_w}" y2="{axis_y}" stroke="#333"/>')
-    for i, step in enumerate(steps):
-        y = top + i * row
+    detected = float(drain.get("detected_at") or notice)
+    width = _LEFT + _PLOT_W + _RIGHT
+    out: List[str] = []
+    y = 30
+    out.append(f'<text x="{_LEFT}" y="{y}" font-size="17" font-weight="bold">{html.escape(title)}</text>')
+    y += 20
+    out.append(f'<text x="{_LEFT}" y="{y}" fill="#555">{html.escape(_subtitle(drain, finished, deadline))}</text>')
+    y += 40
+    # panel 1: the notice window
+    out.append(f'<text x="{_LEFT}" y="{y}" font-weight="bold">the notice window</text>')
+    y += 12
+    span1 = max(deadline - notice, finished - notice, 1.0)
+    x1 = _scale(notice, span1)
+    out.append(_bar(x1(notice), y, max(2.0, x1(finished) - x1(notice)), _COLORS["ok"] if drain.get("ok") else _COLORS["failed"],
+                    "drain", f"drain: {fmt_seconds(finished - notice)} from the notice"))
+    out.append(f'<text x="{_LEFT - 10}" y="{y + 17}" text-anchor="end">drain</text>')
+    out.append(f'<text x="{x1(finished) + 6:.1f}" y="{y + 17}" fill="#333">{fmt_seconds(finished - notice)}</text>')
+    if finished < deadline:
+        out.append(f'<rect x="{x1(finished):.1f}" y="{y}" width="{x1(deadline) - x1(finished):.1f}" height="{_ROW - 4}" '
+                   f'fill="#2e7d32" fill-opacity="0.08"/>')
+        out.append(f'<text x="{(x1(finished) + x1(deadline)) / 2:.1f}" y="{y + 17}" text-anchor="middle" fill="#2e7d32">'
+                   f'{deadline - finished:.1f} s to spare</text>')
+    out.append(_vline(x1(deadline), y - 6, y + _ROW, "#c62828"))
+    out.append(f'<text x="{x1(deadline) + 6:.1f}" y="{y + 17}" fill="#c62828">deadline</text>')
+    y += _ROW + 4
+    out += _axis(y, span1, x1, notice)
+    y += 60
+    # panel 2: the drain, zoomed
+    span2 = max((finished - notice) * 1.08, 0.05)
+    x2 = _scale(notice, span2)
+    out.append(f'<text x="{_LEFT}" y="{y}" font-weight="bold">the drain, zoomed in ({fmt_seconds(finished - notice)})</text>')
+    y += 28
+    top = y
+    for step in steps:
         start = float(step.get("start") or notice)
         secs = float(step.get("seconds") or 0.0)
         color = _COLORS.get(step.get("state", ""), _COLORS[""])
-        bar_w = max(2.0, x(start + secs) - x(start))
-        label = f'{step["name"]}'
-        out.append(f'<text x="{left - 10}" y="{y + 17}" text-anchor="end">{html.escape(label)}</text>')
         tip = f'{step["name"]}: {step.get("state", "")} {fmt_seconds(secs)} {step.get("reason", "")}'.strip()
-        out.append(f'<rect x="{x(start):.1f}" y="{y + 4}" width="{bar_w:.1f}" height="{row - 12}" fill="{color}">'
-                   f'<title>{html.escape(tip)}</title></rect>')
-        out.append(f'<text x="{x(start) + bar_w + 6:.1f}" y="{y + 17}" fill="#333">'
+        out.append(f'<text x="{_LEFT - 10}" y="{y + 17}" text-anchor="end">{html.escape(step["name"])}</text>')
+        out.append(_bar(x2(start), y, max(2.0, x2(start + secs) - x2(start)), color, step["name"], tip))
+        out.append(f'<text x="{x2(start + secs) + 6:.1f}" y="{y + 17}" fill="#333">'
                    f'{html.escape(step.get("state", ""))} {html.escape(fmt_seconds(secs))}</text>')
-    for at, name, color in ((notice, "notice", "#1565c0"), (finished, "drained", "#2e7d32"), (deadline, "deadline", "#c62828")):
-        xx = x(at)
-        out.append(f'<line x1="{xx:.1f}" y1="{top - 12}" x2="{xx:.1f}" y2="{axis_y}" stroke="{color}" '
-                   f'stroke-width="2" stroke-dasharray="5,3"/>')
-        out.append(f'<text x="{xx:.1f}" y="{axis_y + 36}" text-anchor="middle" fill="{color}">{name}</text>')
-    if finished < deadline:
-        out.append(f'<rect x="{x(finished):.1f}" y="{top - 12}" width="{x(deadline) - x(finished):.1f}" '
-                   f'height="{axis_y - top + 12}" fill="#2e7d32" fill-opacity="0.07"/>')
-        out.append(f'<text x="{(x(finished) + x(deadline)) / 2:.1f}" y="{top + 4}" text-anchor="middle" '
-                   f'fill="#2e7d32">{deadline - finished:.1f} s to spare</text>')
-    out.append("</svg>")
-    return "\n".join(out) + "\n"
+        y += _ROW
+    out.append(_vline(x2(detected), top - 6, y, "#1565c0"))
+    out.append(f'<text x="{x2(detected) + 4:.1f}" y="{top - 8}" fill="#1565c0" font-size="11">notice seen '
+               f'+{fmt_seconds(detected - notice)}</text>')
+    y += 4
+    out += _axis(y, span2, x2, notice)
+    y += 50
+    legend_x = _LEFT
+    for state in ("ok", "cut", "skipped", "failed"):
+        out.append(f'<rect x="{legend_x}" y="{y - 11}" width="12" height="12" fill="{_COLORS[state]}"/>')
+        out.append(f'<text x="{legend_x + 17}" y="{y}" fill="#333">{state}</text>')
+        legend_x += 90
+    height = y + 20
+    head = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="13">',
+            f'<rect width="{width}" height="{height}" fill="white"/>']
+    return "\n".join(head + out + ["</svg>"]) + "\n"
+
+
+def _scale(origin: float, span: float):
+    return lambda t: _LEFT + _PLOT_W * max(0.0, t - origin) / span
+
+
+def _bar(x: float, y: float, w: float, color: str, name: str, tip: str) -> str:
+    return (f'<rect x="{x:.1f}" y="{y + 3}" width="{w:.1f}" height="{_ROW - 10}" fill="{color}">'
+            f'<title>{html.escape(tip)}</title></rect>')
+
+
+def _vline(x: float, y1: float, y2: float, color: str) -> str:
+    return f'<line x1="{x:.1f}" y1="{y1}" x2="{x:.1f}" y2="{y2}" stroke="{color}" stroke-width="2" stroke-dasharray="5,3"/>'
+
+
+def _axis(y: float, span: float, x: Any, origin: float) -> List[str]:
+    out = [f'<line x1="{_LEFT}" y1="{y}" x2="{_LEFT + _PLOT_W}" y2="{y}" stroke="#333"/>']
+    tick = _nice_tick(span)
+    t = 0.0
+    while t <= span + 1e-9:
+        xx = x(origin + t)
+        out.append(f'<line x1="{xx:.1f}" y1="{y}" x2="{xx:.1f}" y2="{y + 5}" stroke="#333"/>')
+        label = f"{t * 1000:.0f} ms" if tick < 1 else f"{t:g} s"
+        out.append(f'<text x="{xx:.1f}" y="{y + 19}" text-anchor="middle" fill="#555">{label}</text>')
+        t += tick
+    out.append(f'<text x="{_LEFT + _PLOT_W + 10}" y="{y + 19}" fill="#555">after the notice</text>')
+    return out
 
 
 def _subtitle(drain: Dict[str, Any], finished: float, deadline: float) -> str:
@@ -149,7 +179,7 @@ def _subtitle(drain: Dict[str, Any], finished: float, deadline: float) -> str:
 
 
 def _nice_tick(span: float) -> float:
-    for tick in (0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300):
-        if span / tick <= 12:
+    for tick in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300):
+        if span / tick <= 10:
             return float(tick)
     return 600.0
