@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -57,6 +58,15 @@ class VolumeResult:
 Progress = Callable[[str], None]
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    device: str
+    volume_id: str
+    from_snapshot: bool
+    read_only: bool
+    multi: bool
+
+
 class VolumeManager:
     def __init__(self, volumes: List[VolumeSection], host: HostSection, clients: Any, identity: InstanceIdentity,
                  state: StateStore, runner: Runner, clock: Clock = SYSTEM_CLOCK,
@@ -73,6 +83,7 @@ class VolumeManager:
         self.settle_timeout = settle_timeout
         self.snapshot_timeout = snapshot_timeout
         self._lock = threading.Lock()
+        self._attach_lock = threading.Lock()
 
     # ---- public ---------------------------------------------------------------------------------
 
@@ -103,25 +114,50 @@ class VolumeManager:
         return self.state.get(SECTION, {}) or {}
 
     def up(self, names: Optional[List[str]] = None, progress: Progress = lambda msg: None) -> List[VolumeResult]:
-        results = []
-        for vol in self._select(names):
-            started = self.clock.monotonic()
-            result = VolumeResult(name=vol.name, ok=False, required=vol.required, mountpoint=vol.mount)
+        """Bring the volumes up. Finding, creating, attaching and waiting for devices (API-bound, seconds
+        each on AWS) run for all volumes at once; formatting and mounting then run one at a time,
+        parents before nested mount points. Results come back in config order."""
+        vols = self._select(names)
+        results = {v.name: VolumeResult(name=v.name, ok=False, required=v.required, mountpoint=v.mount) for v in vols}
+        started = {v.name: self.clock.monotonic() for v in vols}
+        prepared: Dict[str, Optional[_Prepared]] = {}
+
+        def prepare(vol: VolumeSection) -> None:
             try:
                 progress(f"volume {vol.name}: starting")
-                self._up_one(vol, result, progress)
-                result.ok = True
-                progress(f"volume {vol.name}: mounted at {vol.mount}")
+                prepared[vol.name] = self._prepare(vol, results[vol.name], progress)
             except Exception as exc:  # noqa: BLE001 - every failure becomes this volume's error line
-                if not isinstance(exc, (VolumeError, A.AttachError, F.FilesystemError, ProbeError, IS.InstanceStoreError)):
-                    log.exception("volume %s", vol.name)
-                result.error = f"{type(exc).__name__}: {exc}" if not isinstance(
-                    exc, (VolumeError, A.AttachError, F.FilesystemError, ProbeError, IS.InstanceStoreError)) else str(exc)
-                metrics.VOLUME_FAILURES.labels(volume=vol.name).inc()
-                progress(f"volume {vol.name}: FAILED: {result.error}")
-            result.seconds = self.clock.monotonic() - started
-            results.append(result)
-        return results
+                self._failed(vol, results[vol.name], exc, progress)
+                prepared[vol.name] = None
+
+        if len(vols) > 1:
+            with ThreadPoolExecutor(max_workers=min(8, len(vols)), thread_name_prefix="volume") as pool:
+                list(pool.map(prepare, vols))
+        else:
+            for vol in vols:
+                prepare(vol)
+        for vol in sorted(vols, key=lambda v: len(os.path.normpath(v.mount).split("/"))):
+            prep = prepared.get(vol.name)
+            result = results[vol.name]
+            if prep is not None:
+                try:
+                    self._format_and_mount(vol, prep.device, prep.volume_id, self.records().get(vol.name, {}), result,
+                                           progress, from_snapshot=prep.from_snapshot, read_only=prep.read_only,
+                                           multi=prep.multi)
+                    result.ok = True
+                    progress(f"volume {vol.name}: mounted at {vol.mount}")
+                except Exception as exc:  # noqa: BLE001
+                    self._failed(vol, result, exc, progress)
+            result.seconds = self.clock.monotonic() - started[vol.name]
+        return [results[v.name] for v in vols]
+
+    def _failed(self, vol: VolumeSection, result: VolumeResult, exc: BaseException, progress: Progress) -> None:
+        expected = (VolumeError, A.AttachError, F.FilesystemError, ProbeError, IS.InstanceStoreError)
+        if not isinstance(exc, expected):
+            log.error("volume %s", vol.name, exc_info=exc)
+        result.error = str(exc) if isinstance(exc, expected) else f"{type(exc).__name__}: {exc}"
+        metrics.VOLUME_FAILURES.labels(volume=vol.name).inc()
+        progress(f"volume {vol.name}: FAILED: {result.error}")
 
     def down(self, names: Optional[List[str]] = None) -> List[VolumeResult]:
         results = []
@@ -165,13 +201,12 @@ class VolumeManager:
             self.state.update(SECTION, **{key: rec})
             return rec
 
-    def _up_one(self, vol: VolumeSection, result: VolumeResult, progress: Progress) -> None:
+    def _prepare(self, vol: VolumeSection, result: VolumeResult, progress: Progress) -> "_Prepared":
+        """Everything before the filesystem: the volume found or created, attached, its device present."""
         rec = self.records().get(vol.name, {})
         if vol.instance_store:
             device = self._instance_store_device(vol, result, progress)
-            self._format_and_mount(vol, device, "", rec, result, progress, from_snapshot=False,
-                                   read_only=vol.read_only, multi=False)
-            return
+            return _Prepared(device, "", from_snapshot=False, read_only=vol.read_only, multi=False)
         if self.clients is None:
             raise VolumeError("needs AWS clients (EC2) for an EBS volume")
         volume = self._find_or_create(vol, rec, result, progress)
@@ -185,8 +220,7 @@ class VolumeManager:
         device = self._wait_for_device(vol, vid, attach_device, progress)
         result.device = device
         self._save(vol.name, device=device)
-        self._format_and_mount(vol, device, vid, self.records().get(vol.name, {}), result, progress,
-                               from_snapshot=bool(volume.get("SnapshotId")), read_only=read_only, multi=multi)
+        return _Prepared(device, vid, from_snapshot=bool(volume.get("SnapshotId")), read_only=read_only, multi=multi)
 
     def _find_or_create(self, vol: VolumeSection, rec: Dict[str, Any], result: VolumeResult,
                         progress: Progress) -> Dict[str, Any]:
@@ -309,10 +343,11 @@ class VolumeManager:
         others = A.others_attached(volume, iid)
         if others and not (volume.get("MultiAttachEnabled") and vol.multi_attach):
             raise VolumeError(f"volume {vid} is attached to {', '.join(others)}; refusing to take it")
-        name = A.pick_device_name(A.used_device_names(ec2, iid), vol.device_name)
-        progress(f"volume {vol.name}: attaching {vid} as {name}")
-        self._save(vol.name, attach_device=name)
-        A.attach(ec2, vid, iid, name)
+        with self._attach_lock:  # two volumes must not pick the same free device name
+            name = A.pick_device_name(A.used_device_names(ec2, iid), vol.device_name)
+            progress(f"volume {vol.name}: attaching {vid} as {name}")
+            self._save(vol.name, attach_device=name)
+            A.attach(ec2, vid, iid, name)
         name = A.wait_attached(ec2, vid, iid, self.clock, vol.attach_timeout)
         result.actions.append("attached")
         self._save(vol.name, attach_device=name, attached=True)

@@ -201,3 +201,21 @@ def test_mounted_survives_a_restart_but_not_a_lost_mount(host):
     assert bdm["Ebs"]["DeleteOnTermination"] is True
     subprocess.run(["umount", mnt], check=True)  # as after a reboot: state says mounted, it is not
     assert again.mounted() == {}
+
+
+def test_several_volumes_attach_at_once_and_mount_parents_first(host):
+    vids = [_new_volume(host) for _ in range(3)]
+    outer, inner, other = host.mnt("a"), host.mnt("a") + "/b", host.mnt("c")
+    cfg = [volume("inner", inner, fs="ext4", volume_id=vids[0]),  # listed before its parent on purpose
+           volume("outer", outer, fs="xfs", volume_id=vids[1]),
+           volume("other", other, fs="ext4", volume_id=vids[2])]
+    results = host.manager(cfg).up()
+    assert [r.name for r in results] == ["inner", "outer", "other"]
+    assert all(r.ok for r in results), [r.error for r in results]
+    assert _fs_of(inner) == "ext4" and _fs_of(outer) == "xfs"
+    with open("/proc/self/mountinfo") as fh:
+        order = [line.split()[4] for line in fh if line.split()[4] in (outer, inner)]
+    assert order == [outer, inner]
+    vols = host.aws.ec2.describe_volumes(VolumeIds=vids)["Volumes"]
+    names = [v["Attachments"][0]["Device"] for v in vols]
+    assert len(set(names)) == 3
