@@ -28,7 +28,7 @@ from agent.drain import snapshots as snaps
 from agent.drain.budget import (DEFAULT_SHUTDOWN_BUDGET, build_plan, parse_timeout_stop, snapshot_volume_names,
                                 wait_conditions)
 from agent.drain.crashpoint import crash_point
-from agent.drain.freeze import frozen_call, thaw_leftovers  # noqa: F401 - thaw_leftovers re-exported
+from agent.drain.freeze import boot_id, frozen_call, thaw_leftovers  # noqa: F401 - thaw_leftovers re-exported
 from agent.drain.plan import (LIFECYCLE, NOTIFY, PERSIST_STEPS, RETENTION, RETENTION_MIN, SNAPSHOT, UPLOAD, WAIT,
                               DrainReport, Plan, StepReport)
 from agent.drain.workload import Workload
@@ -74,6 +74,7 @@ class Drainer:
         self._target: Optional[lc.LifecycleTarget] = None
         self._target_known = False  # discovery answered (with a target or with "none")
         self.timeline: List[Tuple[str, float]] = []
+        self._notes: List[str] = []
         if config.drain.lifecycle.enabled:
             self.discover_lifecycle()
 
@@ -125,6 +126,8 @@ class Drainer:
         self._terminating.set()
         with self._lock:
             rec = self._record()
+            if rec and not rec.get("finished") and self._abandon_if_stale(rec):
+                rec = self._record()
             if rec and rec.get("key") == event.key and rec.get("finished"):
                 return DrainReport.from_dict(rec["report"])
             if rec and not rec.get("finished"):
@@ -150,13 +153,31 @@ class Drainer:
     def pending_event(self) -> Optional[Event]:
         """The event of a drain a killed agent left unfinished (the daemon re-dispatches it)."""
         rec = self._record()
-        if rec and not rec.get("finished"):
+        if rec and not rec.get("finished") and not self._abandon_if_stale(rec):
             return _event_from(rec["event"])
         return None
 
+    def _abandon_if_stale(self, rec: Dict[str, Any]) -> bool:
+        """A drain left unfinished by an earlier boot (the instance stopped or rebooted) is over: its
+        notice is gone. Close it, so a new boot never completes an old lifecycle action."""
+        if not rec.get("boot_id") or not boot_id() or rec["boot_id"] == boot_id():
+            return False
+        log.warning("a drain for %s was interrupted by a stop or reboot; not resuming it", rec.get("kind"))
+        plan = Plan.from_dict(rec["plan"])
+        for step in plan.steps:
+            rec["steps"].setdefault(step.name, {"state": "failed", "seconds": 0.0, "reason": "interrupted by a reboot"})
+            if rec["steps"][step.name].get("state") == "running":
+                rec["steps"][step.name] = {"state": "failed", "seconds": 0.0, "reason": "interrupted by a reboot"}
+        report = self._report(plan, rec, resumed=False)
+        report.ok = False
+        rec["finished"] = True
+        rec["report"] = report.to_dict()
+        self._save("run", rec)
+        return True
+
     def resume_if_pending(self) -> Optional[DrainReport]:
         rec = self._record()
-        if not rec or rec.get("finished"):
+        if not rec or rec.get("finished") or self._abandon_if_stale(rec):
             return None
         self._terminating.set()
         with self._lock:
@@ -181,7 +202,7 @@ class Drainer:
         return {"key": event.key, "kind": event.kind, "event": event.to_dict(), "plan": plan.to_dict(),
                 "started": self.clock.time(), "steps": {}, "snapshots": {}, "snapshot_requested": {},
                 "checkpoint_ids": {}, "lifecycle_completed": False, "lifecycle_attempted": False,
-                "notified_at": None, "pid": None, "finished": False}
+                "notified_at": None, "pid": None, "finished": False, "boot_id": boot_id()}
 
     # -- execution -----------------------------------------------------------------------------------
     def _execute(self, rec: Dict[str, Any], slot: str, resumed: bool) -> DrainReport:
@@ -289,12 +310,16 @@ class Drainer:
 
     def _snapshot_targets(self, plan: Plan) -> Tuple[List[MountedVolume], List[str]]:
         wanted = self._volume_names()
+        required = {v.name: v.required for v in self.config.volumes}
         mounted = self.mounted() or {}
         targets, problems = [], []
         for name in wanted:
             mv = mounted.get(name)
             if mv is None:
-                problems.append(f"{name}: not mounted")
+                if required.get(name, True):
+                    problems.append(f"{name}: not mounted")
+                else:
+                    self._notes.append(f"{name}: not mounted (required = false)")
             elif not mv.volume_id:
                 problems.append(f"{name}: no EBS volume id")
             else:
@@ -304,6 +329,7 @@ class Drainer:
     def _step_snapshot(self, plan: Plan, event: Event, rec: Dict[str, Any], slot: str, budget: float,
                        interrupted: bool) -> Tuple[str, str]:
         started = time.monotonic()
+        self._notes = []
         targets, problems = self._snapshot_targets(plan)
         notice = snaps.notice_tag(self.identity.instance_id, event.key)
         run = self.config.agent.run or self.identity.instance_id
@@ -331,7 +357,7 @@ class Drainer:
                 except Exception as exc:  # noqa: BLE001 - the other volumes still get theirs
                     metrics.SNAPSHOT_FAILURES.labels(volume=mv.name).inc()
                     problems.append(f"{mv.name}: {type(exc).__name__}: {exc}")
-        reason = "; ".join(problems + warnings)
+        reason = "; ".join(problems + warnings + self._notes)
         if problems:
             return "failed", reason
         return "ok", reason

@@ -173,3 +173,21 @@ def test_retention_runs_in_the_drain(drain_env):
         assert report.ok, report.steps
     assert len(drain_env.snapshots()) == 2
     assert report.step("retention").state == "ok"
+
+
+def test_a_drain_left_by_an_earlier_boot_is_closed_not_resumed(drain_env):
+    from agent.sim.localaws import lifecycle_calls
+
+    drainer = drain_env.drainer(drain_env.config(workload=NO_WORKLOAD))
+    ev = spot(key="spot:old-boot")
+    rec = drainer._new_record(ev, early=False)
+    rec["boot_id"] = "an-earlier-boot"
+    rec["steps"]["notify"] = {"state": "ok", "seconds": 0.0, "reason": ""}
+    drainer._save("run", rec)
+    assert drainer.pending_event() is None
+    assert drainer.resume_if_pending() is None
+    old = drainer.state.get("drain")["run"]
+    assert old["finished"] and not old["report"]["ok"]
+    assert drain_env.snapshots() == [] and not lifecycle_calls()
+    # a new notice on this boot drains normally
+    assert drainer.run(spot(key="spot:new")).ok
