@@ -13,7 +13,6 @@ import logging
 import os
 import queue
 import signal
-import subprocess
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
@@ -22,6 +21,7 @@ from agent import __version__, metrics
 from agent.clock import SYSTEM_CLOCK, Clock
 from agent.config import Config, ConfigError, load
 from agent.daemon_context import Context, build_context
+from agent.drain.freeze import boot_id
 from agent.events import MANUAL, SHUTDOWN, Event
 from agent.state import atomic_write
 from agent.supervisor import Supervisor, shutdown_event
@@ -30,42 +30,6 @@ from agent.systemd_notify import Notifier, watchdog_interval
 log = logging.getLogger(__name__)
 
 DEFAULT_SHUTDOWN_BUDGET = 90.0
-
-
-def current_boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as fh:
-            return fh.read().strip()
-    except OSError:
-        return ""
-
-
-def unit_stop_timeout(unit: str = "spot-agent.service") -> Optional[float]:
-    """The unit's TimeoutStopSec, read once at startup (never on the drain's hot path)."""
-    if not os.environ.get("INVOCATION_ID") and not os.path.isdir("/run/systemd/system"):
-        return None
-    try:
-        out = subprocess.run(["systemctl", "show", "-p", "TimeoutStopUSec", "--value", unit],
-                             capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return parse_systemd_timespan(out)
-
-
-def parse_systemd_timespan(text: str) -> Optional[float]:
-    """``1min 40s`` / ``100ms`` / ``infinity`` -> seconds."""
-    import re
-
-    text = text.strip()
-    if not text or text == "infinity":
-        return None
-    units = {"us": 1e-6, "ms": 1e-3, "s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600, "hr": 3600, "d": 86400}
-    total = 0.0
-    matched = False
-    for value, unit in re.findall(r"(\d+(?:\.\d+)?)\s*([a-z]*)", text):
-        matched = True
-        total += float(value) * units.get(unit or "s", 1)
-    return total if matched else None
 
 
 class Daemon:
@@ -95,7 +59,14 @@ class Daemon:
         self._status_lock = threading.Lock()
         self._http: Any = None
         self._status_server: Any = None
-        self._shutdown_budget = config.drain.shutdown_budget or unit_stop_timeout() or DEFAULT_SHUTDOWN_BUDGET
+
+    @property
+    def shutdown_budget(self) -> float:
+        """The drainer read the unit's TimeoutStopSec at startup; before that, the config or 90 s."""
+        drainer = self.supervisor.drainer
+        if drainer is not None:
+            return drainer.shutdown_budget
+        return self.config.drain.shutdown_budget or DEFAULT_SHUTDOWN_BUDGET
 
     # -- status -------------------------------------------------------------------------------
     def set_status(self, line: str) -> None:
@@ -206,7 +177,7 @@ class Daemon:
                     self.notifier.stopping("draining before shutdown")
                     log.warning("received %s: draining before exit", signal.Signals(item[1]).name,
                                 extra={"journal": {"EVENT_KIND": SHUTDOWN}})
-                    self.supervisor.dispatch(shutdown_event(self.clock.time(), self._shutdown_budget))
+                    self.supervisor.dispatch(shutdown_event(self.clock.time(), self.shutdown_budget))
                 elif kind == "exit":
                     exit_code = item[1]
                     break
@@ -340,11 +311,11 @@ class Daemon:
         for name, checkpoint_id in (getattr(report, "checkpoint_ids", None) or {}).items():
             self.last_checkpoint = {"name": name, "checkpoint_id": checkpoint_id, "committed_at": self._drain_finished_at}
         if self.ctx is not None:
-            self.ctx.state.update("termination", boot_id=current_boot_id(), kind=event.kind, at=self.clock.time())
+            self.ctx.state.update("termination", boot_id=boot_id(), kind=event.kind, at=self.clock.time())
 
     def _drained_this_boot(self, ctx: Context) -> Optional[str]:
         rec = ctx.state.get("termination", {}) or {}
-        if rec.get("boot_id") and rec.get("boot_id") == current_boot_id():
+        if rec.get("boot_id") and rec.get("boot_id") == boot_id():
             return rec.get("kind") or "?"
         return None
 

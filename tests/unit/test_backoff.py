@@ -1,5 +1,4 @@
 from agent.backoff import Backoff
-from agent.daemon import parse_systemd_timespan
 
 
 def test_backoff_grows_bounded_and_never_zero():
@@ -12,11 +11,3 @@ def test_backoff_grows_bounded_and_never_zero():
     assert max(b2.next_delay() for _ in range(20)) < 8.0
     b.reset()
     assert not b.failing
-
-
-def test_systemd_timespans():
-    assert parse_systemd_timespan("1min 40s") == 100
-    assert parse_systemd_timespan("1min 30.500000s") == 90.5
-    assert parse_systemd_timespan("100ms") == 0.1
-    assert parse_systemd_timespan("infinity") is None
-    assert parse_systemd_timespan("") is None
