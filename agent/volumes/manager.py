@@ -226,7 +226,8 @@ class VolumeManager:
                         progress: Progress) -> Dict[str, Any]:
         ec2 = self.clients.ec2
         iid, az = self.identity.instance_id, self.identity.availability_zone
-        if rec.get("volume_id"):
+        source = _source_key(vol)
+        if rec.get("volume_id") and rec.get("source") == source:
             try:
                 known = A.describe_volume(ec2, rec["volume_id"])
                 if known.get("State") in ("available", "in-use", "creating"):
@@ -278,7 +279,8 @@ class VolumeManager:
 
     def _ours(self, vol: VolumeSection) -> Optional[Dict[str, Any]]:
         """A volume we created for this name on this instance before a crash or restart."""
-        mine = A.find_tagged(self.clients.ec2, T.ownership(self.identity.instance_id, vol.name))
+        wanted = dict(T.ownership(self.identity.instance_id, vol.name), **{T.SOURCE: _source_key(vol)})
+        mine = A.find_tagged(self.clients.ec2, wanted)
         mine = [v for v in mine if v.get("AvailabilityZone") == self.identity.availability_zone]
         if not mine:
             return None
@@ -286,7 +288,7 @@ class VolumeManager:
         return choice.volume
 
     def _remember(self, vol: VolumeSection, volume: Dict[str, Any], created: bool) -> Dict[str, Any]:
-        self._save(vol.name, name=vol.name, volume_id=volume["VolumeId"], created=created,
+        self._save(vol.name, name=vol.name, volume_id=volume["VolumeId"], created=created, source=_source_key(vol),
                    az=volume.get("AvailabilityZone", ""), snapshot_id=volume.get("SnapshotId") or "")
         if volume.get("State") == "creating":
             return A.wait_available(self.clients.ec2, volume["VolumeId"], self.clock, vol.attach_timeout)
@@ -298,6 +300,7 @@ class VolumeManager:
         spec = vol.create
         tags = dict(extra_tags or {})
         tags.update(T.ownership(iid, vol.name, purpose))
+        tags[T.SOURCE] = _source_key(vol)
         if "Name" not in tags:
             tags["Name"] = f"spot-agent {vol.name}"
         size = spec.size_gib if spec else 0
@@ -313,7 +316,7 @@ class VolumeManager:
             throughput=spec.throughput if spec else 0, encrypted=spec.encrypted if spec else bool(snapshot and snapshot.get("Encrypted")),
             kms_key_id=spec.kms_key_id if spec else "", snapshot_id=snapshot["SnapshotId"] if snapshot else "")
         result.actions.append("created")
-        self._save(vol.name, volume_id=vid, created=True, creating=False, az=az,
+        self._save(vol.name, volume_id=vid, created=True, creating=False, az=az, source=_source_key(vol),
                    snapshot_id=snapshot["SnapshotId"] if snapshot else "")
         return A.wait_available(self.clients.ec2, vid, self.clock, vol.attach_timeout)
 
@@ -477,6 +480,20 @@ def _size(device: str) -> int:
     from agent.volumes.probe import device_size
 
     return device_size(device)
+
+
+def _source_key(vol: VolumeSection) -> str:
+    """A short digest of where the config says this volume comes from: a record or a volume made for
+    an earlier config (another snapshot_id, other tags) is not reused after the config changes."""
+    import hashlib
+    import json
+
+    create = None
+    if vol.create is not None:
+        create = [vol.create.size_gib, vol.create.type]
+    doc = [vol.volume_id, sorted(vol.tags.items()), vol.snapshot_id, sorted(vol.latest_snapshot.items()), create,
+           vol.instance_store]
+    return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:16]
 
 
 def _fmt_tags(tags: Dict[str, str]) -> str:

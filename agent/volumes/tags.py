@@ -8,6 +8,7 @@ MANAGED = "spot-agent:managed"
 INSTANCE_ID = "spot-agent:instance-id"
 VOLUME_NAME = "spot-agent:volume-name"
 DRAIN_VOLUME = "spot-agent:volume"  # the drain's snapshots name their [[volumes]] entry with this key
+SOURCE = "spot-agent:source"  # digest of the [[volumes]] source it was made for (see manager._source_key)
 PURPOSE = "spot-agent:purpose"  # "volume", "copy-across-az", "checkpoint" (the drain's snapshots)
 
 

@@ -246,3 +246,25 @@ def test_optional_failure_is_reported_and_the_rest_comes_up(host, aws):
     bad, ok = mgr.up()
     assert not bad.ok and not bad.required and "vol-0123456789abcdef0 does not exist" in bad.error
     assert ok.ok and list(mgr.mounted()) == ["good"]
+
+
+def test_a_changed_source_is_not_satisfied_by_the_old_volume(host, aws):
+    src = aws.ec2.create_volume(AvailabilityZone=host.identity.availability_zone, Size=1)["VolumeId"]
+    mnt = host.mnt("src")
+    assert host.manager([volume("src", mnt, fs="ext4", volume_id=src)], state_name="src.json").up()[0].ok
+    snaps = []
+    for label in ("first", "second"):
+        _write(os.path.join(mnt, "which"), label)
+        subprocess.run(["fsfreeze", "--freeze", mnt], check=True)
+        try:
+            snaps.append(aws.ec2.create_snapshot(VolumeId=src)["SnapshotId"])
+        finally:
+            subprocess.run(["fsfreeze", "--unfreeze", mnt], check=True)
+    r = host.mnt("r")
+    mgr = host.manager([volume("r", r, fs="ext4", snapshot_id=snaps[0])])
+    [one] = mgr.up()
+    assert one.ok and _read(os.path.join(r, "which")) == "first"
+    assert mgr.down()[0].ok
+    [two] = host.manager([volume("r", r, fs="ext4", snapshot_id=snaps[1])]).up()  # same state file
+    assert two.ok, two.error
+    assert two.volume_id != one.volume_id and _read(os.path.join(r, "which")) == "second"
