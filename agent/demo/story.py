@@ -234,6 +234,8 @@ class Story:
             "instance_id": two.instance_id, "resumed_step": resumed, "volume_snapshot": vol.get("snapshot_id", ""),
             "volume_id": vol.get("volume_id", ""), "last_checkpoint": status.get("last_checkpoint"),
         }
+        self.result["checkpoint_files"] = {"saved": saved, "restored": restored}
+        self.result["dataset_dirs"] = {one.name: one.paths.data_dir, two.name: two.paths.data_dir}
         self._checks(one, two, hashes, saved, restored, final_step, resumed)
 
     def _instance(self, name: str, instance_id: str) -> SimInstance:

@@ -1,0 +1,135 @@
+"""The demo's story, asserted: a spot notice drains instance 1, the replacement resumes from its checkpoint.
+
+The story runs once per module (in-process, on the session's moto, so the tests can query EC2 and the
+recorded lifecycle calls afterwards); the CLI test runs `spot-agent demo --json` as a user would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def story(local_aws, tmp_path_factory):
+    from agent.demo.story import StoryOptions, run_story
+
+    local_aws.reset()
+    workdir = str(tmp_path_factory.mktemp("demo-story"))
+    result = run_story(StoryOptions(workdir=workdir, keep=True, block_devices=True, aws=local_aws))
+    try:
+        yield result
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_story_ran_and_every_check_held(story):
+    assert story["error"] == "", story["error"]
+    failed = [c for c in story["checks"] if c["ok"] is False]
+    assert not failed, failed
+    assert story["ok"] is True
+
+
+def test_resumed_step_is_the_saved_step_and_not_zero(story):
+    resumed = story["summary"]["resumed_step"]
+    saved = story["drain"]["final_step"]
+    assert resumed is not None and resumed > 0
+    assert resumed == saved
+
+
+def test_dataset_sha256_matches_on_both_instances(story):
+    from agent.demo.environment import DATASET_FILES, dataset_bytes
+
+    assert set(story["dataset_dirs"]) == {"instance-1", "instance-2"}
+    for name, data_dir in story["dataset_dirs"].items():
+        for rel, size in DATASET_FILES:
+            with open(os.path.join(data_dir, rel), "rb") as fh:
+                got = hashlib.sha256(fh.read()).hexdigest()
+            assert got == hashlib.sha256(dataset_bytes(rel, size)).hexdigest(), f"{name}: {rel}"
+
+
+def test_checkpoint_sha256_matches_after_restore(story):
+    saved = story["checkpoint_files"]["saved"]
+    restored = story["checkpoint_files"]["restored"]
+    final = f"ckpt-{story['drain']['final_step']:08d}.json"
+    assert final in saved, sorted(saved)
+    assert {k: restored.get(k) for k in saved} == saved
+
+
+def test_exactly_one_snapshot_per_drain(story, local_aws):
+    from agent.aws import make_clients
+    from agent.config import AWSSection
+
+    ec2 = make_clients(AWSSection(endpoint_url=local_aws.url), "us-east-1").ec2
+    by_kind = {}
+    for snap in ec2.describe_snapshots(OwnerIds=["self"])["Snapshots"]:
+        tags = {t["Key"]: t["Value"] for t in snap.get("Tags", [])}
+        by_kind.setdefault(tags.get("spot-agent:notice-kind"), []).append(snap["SnapshotId"])
+    assert len(by_kind.get("spot-interruption", [])) == 1, by_kind
+    assert len(by_kind.get("rebalance-recommendation", [])) == 1, by_kind  # the early checkpoint
+    assert story["drain"]["snapshots"]["ckpt"] == by_kind["spot-interruption"][0]
+    assert story["summary"]["restored_from_snapshot"] == by_kind["spot-interruption"][0]
+
+
+def test_lifecycle_action_completed_once(story):
+    from agent.sim.localaws import lifecycle_calls
+
+    first = story["instances"][0]["instance_id"]
+    calls = [c for c in lifecycle_calls("CompleteLifecycleAction") if c["instance_id"] == first]
+    assert len(calls) == 1, calls
+    assert calls[0]["result"] == "CONTINUE"
+    assert calls[0]["group"] == "demo-train-asg" and calls[0]["hook"] == "drain-before-terminate"
+
+
+def test_drain_ran_in_order_before_the_deadline(story):
+    drain = story["drain"]
+    names = [s["name"] for s in drain["steps"]]
+    assert names[:3] == ["notify", "wait", "snapshot"] and names[-1] == "lifecycle"
+    starts = [s["start"] for s in drain["steps"]]
+    assert starts == sorted(starts)
+    assert drain["notice_at"] <= drain["detected_at"] < drain["finished_at"] < drain["deadline"]
+    assert 0 < drain["margin_seconds"] < drain["window"]
+
+
+def test_cli_json_and_svg_timeline(tmp_path):
+    """`spot-agent demo --json --timeline` as a user runs it: own moto, exit 0, JSON, SVG, nothing left."""
+    svg = tmp_path / "drain.svg"
+    env = dict(os.environ)
+    res = subprocess.run([sys.executable, "-m", "agent", "demo", "--json", "--timeline", str(svg)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    data = json.loads(res.stdout)
+    assert data["ok"] is True and data["summary"]["resumed_step"] > 0
+    assert data["summary"]["seconds_to_spare"] > 0
+    assert "+" in res.stderr and "READY" in res.stderr  # live progress went to stderr, not into the JSON
+    text = svg.read_text()
+    assert text.startswith("<svg") and "snapshot" in text and "to spare" in text
+    assert not os.path.exists(data["workdir"]), "the work directory was not removed"
+    with open("/proc/self/mountinfo") as fh:
+        assert data["workdir"] not in fh.read()
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    assert data["workdir"] not in loops
+
+
+def test_cli_text_output_shows_resumed_step_and_margin(tmp_path):
+    from agent.demo.output import render_report
+
+    fake = {"simulated": ["x"], "started_at": 100.0,
+            "timeline": [{"at": 101.0, "lane": "drain", "what": "drain snapshot: fsfreeze", "seconds": 0.2, "state": "ok"}],
+            "summary": {"dataset": {"files": 6, "bytes": 3_800_000, "sha256_match": True},
+                        "checkpoint": {"step": 41, "snapshots": {"ckpt": "snap-1"}, "frozen_seconds": {"ckpt": 0.05}},
+                        "seconds_to_spare": 37.5, "notice_window": 40, "resumed_step": 41,
+                        "restored_from_snapshot": "snap-1", "lifecycle_completed": True},
+            "checks": [{"name": "resumed step > 0", "ok": True, "detail": "resumed at 41"}], "seconds": 12.0}
+    text = render_report(fake)
+    assert "step 41 on the replacement instance" in text
+    assert "37.5 s left of the 40 s notice" in text
+    assert "+  1.0s  drain" in text and "[ok] drain snapshot" in text
