@@ -290,7 +290,7 @@ class Drainer:
         body = {"event": {k: v for k, v in event.to_dict().items() if k != "raw"},
                 "instance_id": self.identity.instance_id, "run": self.config.agent.run or self.identity.instance_id,
                 "deadline": plan.deadline, "budget_seconds": round(hooks_budget, 1)}
-        res = self.workload.notify(event, budget, hooks_budget, body)
+        res = self.workload.notify(event, budget, hooks_budget, body, with_hooks=slot != "early")
         self.timeline.append(("workload-signalled", self.clock.time()))
         rec["pid"] = res.pid
         if res.errors:

@@ -79,11 +79,13 @@ class Workload:
         self.hook_results: List[HookResult] = []
 
     # -- notify -------------------------------------------------------------------------------------
-    def notify(self, event: Event, budget: float, hooks_budget: float, body: Dict[str, Any]) -> NotifyResult:
+    def notify(self, event: Event, budget: float, hooks_budget: float, body: Dict[str, Any],
+               with_hooks: bool = True) -> NotifyResult:
+        """``with_hooks`` False: the caller runs the hooks itself (the supervisor does for a rebalance)."""
         started = time.monotonic()
         out = NotifyResult()
         wl = self.section
-        if matching(self.hooks, event.kind):
+        if with_hooks and matching(self.hooks, event.kind):
             self._start_hooks(event, hooks_budget)
             out.done.append(f"started {len(matching(self.hooks, event.kind))} hook(s)")
         if wl.unit:
