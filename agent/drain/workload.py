@@ -166,7 +166,7 @@ class Workload:
         pending = list(conditions)
         if "hooks" in pending and self._hook_thread is None:
             pending.remove("hooks")
-            notes.append("hooks were started by an earlier agent process: not awaited")
+            notes.append("the hooks were not started by this drain (earlier process, or the supervisor): not awaited")
         if "process" in pending and pid is None:
             pending.remove("process")
             notes.append("no process to wait for")
