@@ -111,6 +111,13 @@ class SimInstance:
             time.sleep(0.02)
         raise RuntimeError(f"drain step {step} never reached {state!r} on {self.name}:\n{self.agent.log_tail()}")
 
+    def notify_messages(self) -> List[Any]:
+        """Every agent run's sd_notify messages, (epoch, line), oldest first."""
+        out: List[Any] = []
+        for proc in self.agents:
+            out += proc.notify.snapshot()
+        return sorted(out)
+
     def volume_record(self, name: str = "ckpt") -> Dict[str, Any]:
         return (self.state().get("volumes") or {}).get(name) or {}
 

@@ -78,17 +78,39 @@ def boot_marks(messages: List[Tuple[float, str]], ready_at: float) -> List[Tuple
     return marks
 
 
-def drain_steps(rec: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """The drain record's steps in the order they ran, each with its start (epoch) and duration."""
+_DRAINING = re.compile(r"^STATUS=draining: (\w+) \(")
+
+
+def step_starts(messages: List[Tuple[float, str]], since: float, until: Optional[float] = None) -> Dict[str, float]:
+    """When each drain step started, from the daemon's ``STATUS=draining: STEP (...)`` lines (the
+    state file keeps only each finished step's duration)."""
+    out: Dict[str, float] = {}
+    for at, line in messages:
+        if at < since or (until is not None and at > until):
+            continue
+        m = _DRAINING.match(line)
+        if m and m.group(1) not in out:
+            out[m.group(1)] = at
+    return out
+
+
+def drain_steps(rec: Dict[str, Any], messages: Optional[List[Tuple[float, str]]] = None,
+                until: Optional[float] = None) -> List[Dict[str, Any]]:
+    """The drain record's steps in the order they ran, each with its start (epoch) and duration.
+
+    Starts come from the notify messages when given; otherwise (and for skipped steps, which send no
+    status) each step starts where the one before it ended.
+    """
     plan_order = [s["name"] for s in (rec.get("plan") or {}).get("steps", [])]
     steps = rec.get("steps") or {}
-    out = []
     cursor = float(rec.get("started") or 0.0)
+    starts = step_starts(messages or [], cursor - 0.5, until)
+    out = []
     for name in plan_order:
         entry = steps.get(name)
         if entry is None:
             continue
-        start = float(entry.get("started_at") or cursor)
+        start = float(entry.get("started_at") or starts.get(name) or cursor)
         seconds = float(entry.get("seconds") or 0.0)
         out.append({"name": name, "state": entry.get("state", ""), "start": start, "seconds": seconds,
                     "budget": entry.get("budget"), "reason": entry.get("reason", "")})
@@ -183,7 +205,7 @@ class Story:
         self.say("cloud", "IMDS: rebalance recommendation (the instance is at elevated risk)")
         if s.rebalance != "none":
             early = one.wait_drain("early", timeout=30)
-            for step in drain_steps(early):
+            for step in drain_steps(early, one.agent.notify.snapshot(), until=time.time()):
                 if step["state"] != "skipped":
                     self.say(one.name, "early checkpoint, workload keeps running: " + describe_step(step, early=True),
                              at=step["start"], seconds=step["seconds"], state=step["state"])
@@ -197,7 +219,7 @@ class Story:
         drained_at = time.time()
         detected = float((rec.get("event") or {}).get("detected_at") or notice_at)
         self.say(one.name, f"agent saw the notice {detected - notice_at:.2f} s after IMDS showed it", at=detected)
-        steps = drain_steps(rec)
+        steps = drain_steps(rec, one.agent.notify.snapshot())
         for step in steps:
             self.say("drain", describe_step(step), at=step["start"], seconds=step["seconds"], state=step["state"])
         report = rec.get("report") or {}
