@@ -8,7 +8,14 @@ $(PY): pyproject.toml scripts/setup-test-env.sh
 	bash scripts/setup-test-env.sh
 	touch $(PY)
 
-demo: $(PY)
+# The demo needs only the venv with moto (and, as root, mkfs/losetup): lighter than the test setup.
+DEMO_READY := $(VENV)/.demo-ready
+
+$(DEMO_READY): pyproject.toml scripts/setup-demo-env.sh
+	bash scripts/setup-demo-env.sh
+	touch $(DEMO_READY)
+
+demo: $(DEMO_READY)
 	$(PY) -m agent demo
 
 # The whole suite, as CI runs it: unit tests on Python 3.9 too, then everything on the default Python.
