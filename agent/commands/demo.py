@@ -119,7 +119,7 @@ def run(args: Any) -> int:
         print(json.dumps(result, indent=2, default=str))
     else:
         print("")
-        print(render_report(result))
+        print(render_report(result, live=True))
         if result.get("timeline_file"):
             print(f"\ndrain timeline drawn in {result['timeline_file']}")
         if args.keep:

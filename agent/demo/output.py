@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-from agent.demo.timeline import Mark, Timeline, fmt_seconds, render_text
+from agent.demo.timeline import TEXT_HEADER, Mark, Timeline, fmt_seconds, render_text
 
 
 def timeline_from(result: Dict[str, Any]) -> Timeline:
@@ -22,15 +22,18 @@ def header(settings_window: float) -> List[str]:
     ]
 
 
-def render_report(result: Dict[str, Any]) -> str:
+def render_report(result: Dict[str, Any], live: bool = False) -> str:
+    """The whole report; ``live``: without what the demo already printed as it ran (what is
+    simulated, the timeline)."""
     s = result.get("summary") or {}
     lines: List[str] = []
-    lines.append("what is simulated:")
-    lines += [f"  - {line}" for line in result.get("simulated", [])]
-    lines.append("")
-    lines.append("timeline (seconds since the demo started; step durations on the right):")
-    lines.append(render_text(timeline_from(result)))
-    lines.append("")
+    if not live:
+        lines.append("what is simulated:")
+        lines += [f"  - {line}" for line in result.get("simulated", [])]
+        lines.append("")
+        lines.append(TEXT_HEADER)
+        lines.append(render_text(timeline_from(result)))
+        lines.append("")
     lines.append("summary:")
     ds = s.get("dataset") or {}
     match = {True: "sha256 verified on both instances", False: "SHA256 MISMATCH", None: "not checked"}[ds.get("sha256_match")]

@@ -23,7 +23,7 @@ from agent.demo.agent_config import DemoSettings
 from agent.demo.environment import (BUCKET, CHECKPOINT_PREFIX, DATASET_PREFIX, GROUP, HOOK, DemoEnvironment,
                                     tree_hashes)
 from agent.demo.instance import SimInstance
-from agent.demo.timeline import Timeline
+from agent.demo.timeline import TEXT_HEADER, Timeline, format_mark
 
 _PROGRESS = re.compile(r": \d+% of ")
 
@@ -125,7 +125,7 @@ def describe_step(step: Dict[str, Any], early: bool = False) -> str:
         "wait": "waited for the workload's final checkpoint",
         "snapshot": "fsfreeze + CreateSnapshot + thaw of the checkpoint volume",
         "upload": "final S3 checkpoint upload + commit",
-        "retention": "snapshot retention",
+        "retention": "old snapshots past [drain] keep_snapshots deleted",
         "lifecycle": "CompleteLifecycleAction",
     }.get(step["name"], step["name"])
     return f"{'' if early else 'drain '}{step['name']}: {what}" + (f" ({reason})" if reason else "")
@@ -152,8 +152,8 @@ class Story:
     def say(self, lane: str, what: str, at: Optional[float] = None, seconds: Optional[float] = None,
             state: str = "") -> None:
         at = time.time() if at is None else at
-        self.timeline.add(at, lane, what, seconds, state)
-        self.options.progress(f"  +{at - self.t0:5.1f}s  {lane:<10}  {what}")
+        mark = self.timeline.add(at, lane, what, seconds, state)
+        self.options.progress(format_mark(mark, self.t0))
 
     def check(self, name: str, ok: Optional[bool], detail: str) -> Check:
         c = Check(name, ok, detail)
@@ -189,6 +189,11 @@ class Story:
         self.result["simulated"] = env.simulated()
         self.result["block_devices"] = bool(env.block_devices)
         self.result["s3_checkpoints"] = self.s3_checkpoints
+        self.options.progress("what is simulated:")
+        for line in env.simulated():
+            self.options.progress(f"  - {line}")
+        self.options.progress("")
+        self.options.progress(TEXT_HEADER)
         hashes = env.seed_dataset()
         first_id = env.create_group()
         self.say("cloud", f"s3://{BUCKET}/{DATASET_PREFIX}: {len(hashes)} files, {env.dataset_size() / 1e6:.1f} MB; "

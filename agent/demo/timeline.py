@@ -53,14 +53,21 @@ def fmt_seconds(seconds: Optional[float]) -> str:
     return f"{seconds:.1f} s"
 
 
+LANE_WIDTH = 10
+
+
+def format_mark(mark: Mark, t0: float, lane_w: int = LANE_WIDTH) -> str:
+    """offset, lane, how long the step took (blank for an instant), what happened."""
+    state = f"[{mark.state}] " if mark.state else ""
+    return f"  +{mark.at - t0:5.1f}s  {mark.lane:<{lane_w}}  {fmt_seconds(mark.seconds):>7}  {state}{mark.what}".rstrip()
+
+
 def render_text(timeline: Timeline) -> str:
-    """One line per mark: offset, lane, how long the step took (blank for an instant), what happened."""
-    lane_w = max([len(m.lane) for m in timeline.marks] + [5])
-    lines = []
-    for m in timeline.ordered():
-        state = f"[{m.state}] " if m.state else ""
-        lines.append(f"  +{m.at - timeline.t0:5.1f}s  {m.lane:<{lane_w}}  {fmt_seconds(m.seconds):>7}  {state}{m.what}".rstrip())
-    return "\n".join(lines)
+    lane_w = max([len(m.lane) for m in timeline.marks] + [LANE_WIDTH])
+    return "\n".join(format_mark(m, timeline.t0, lane_w) for m in timeline.ordered())
+
+
+TEXT_HEADER = f"  {'offset':>7}  {'where':<{LANE_WIDTH}}  {'took':>7}  what happened"
 
 
 # ---- SVG ----------------------------------------------------------------------------------------
