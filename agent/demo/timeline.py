@@ -181,7 +181,8 @@ def _subtitle(drain: Dict[str, Any], finished: float, deadline: float) -> str:
     parts = [kind] if kind else []
     if window:
         parts.append(f"simulated notice window {window:g} s (AWS: 120 s)")
-    parts.append(f"drained {deadline - finished:.1f} s before the deadline")
+    spare = deadline - finished
+    parts.append(f"drained {spare:.1f} s before the deadline" if spare >= 0 else f"drained {-spare:.1f} s AFTER the deadline")
     return "; ".join(parts)
 
 
