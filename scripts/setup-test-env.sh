@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PKGS=(xfsprogs e2fsprogs util-linux mdadm prometheus debootstrap systemd-container rpm
-      libsystemd-dev pkg-config rclone dpkg-dev debhelper fakeroot python3-venv cpio)
+      libsystemd-dev pkg-config rclone dpkg-dev debhelper fakeroot python3-venv cpio cloud-init)
 missing=()
 for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
