@@ -220,7 +220,7 @@ class SimInstance:
     def close(self) -> None:
         """Best-effort teardown for failures and Ctrl-C: never raises."""
         try:
-            self.stop_processes(agent_timeout=5.0)
+            self.stop_processes(kill_agent=True)  # no shutdown drain: this machine is only being cleaned up
         except Exception:  # noqa: BLE001
             pass
         if not self.powered_off:

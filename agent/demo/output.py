@@ -54,9 +54,14 @@ def render_report(result: Dict[str, Any], live: bool = False) -> str:
                                             if spare is not None else "unknown (the drain did not finish)"))
     resumed = s.get("resumed_step")
     src = s.get("restored_from_snapshot")
-    lines.append("  resumed at          " + (f"step {resumed} on the replacement instance"
-                                            + (f" (volume restored from {src})" if src else "") if resumed is not None
-                                            else "did not resume"))
+    if resumed is None:
+        how = "did not resume"
+    elif not s.get("resume_possible", True):
+        how = (f"step {resumed}: nothing carried the checkpoint over (no block devices and no S3 checkpoint "
+               "store in this build)")
+    else:
+        how = f"step {resumed} on the replacement instance" + (f" (volume restored from {src})" if src else "")
+    lines.append("  resumed at          " + how)
     lines.append(f"  lifecycle action    {'completed (CONTINUE) once' if s.get('lifecycle_completed') else 'NOT completed'}")
     lines.append(f"  took                {result.get('seconds', 0):.1f} s")
     lines.append("")

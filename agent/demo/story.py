@@ -177,10 +177,20 @@ class Story:
         return self.result
 
     def close(self) -> None:
-        for inst in self.instances:
-            inst.close()
-        self.env.close()
-        self.result["cleanup"] = list(self.env.cleanup_log)
+        """Stop every process, release every mount and loop device; a second Ctrl-C cannot cut it short."""
+        import signal
+        import threading
+
+        main = threading.current_thread() is threading.main_thread()
+        old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+        try:
+            for inst in self.instances:
+                inst.close()
+            self.env.close()
+            self.result["cleanup"] = list(self.env.cleanup_log)
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
 
     def _run(self) -> None:
         s = self.settings
@@ -240,8 +250,9 @@ class Story:
             "frozen_seconds": rec.get("frozen_seconds", {}),
         }
         replacement = one.power_off()
+        gone = "processes stopped, volume unmounted and detached" if env.block_devices else "processes stopped"
         self.say(one.name, f"instance terminated ({self.result['drain']['margin_seconds'] or 0:.1f} s before "
-                           f"the deadline); volumes detached")
+                           f"the deadline): {gone}")
 
         # -- the second instance -----------------------------------------------------------------
         two = self._instance("instance-2", replacement or "")
@@ -341,6 +352,7 @@ class Story:
             "seconds_to_spare": drain.get("margin_seconds"),
             "notice_window": self.settings.notice_window,
             "resumed_step": resume.get("resumed_step"),
+            "resume_possible": bool(self.env.block_devices) or self.s3_checkpoints,
             "restored_from_snapshot": resume.get("volume_snapshot", ""),
             "lifecycle_completed": drain.get("lifecycle_completed"),
         }

@@ -133,3 +133,46 @@ def test_cli_text_output_shows_resumed_step_and_margin(tmp_path):
     assert "step 41 on the replacement instance" in text
     assert "37.5 s left of the 40 s notice" in text
     assert "+  1.0s  drain" in text and "[ok] drain snapshot" in text
+
+
+def test_ctrl_c_mid_story_stops_everything_and_releases_mounts_and_loops():
+    """SIGINT while instance 1 trains (daemon up, volume mounted, trainer running): exit 130, nothing left."""
+    import re
+    import signal
+    import time
+
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "demo"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    out = []
+    workdir = ""
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            m = re.search(r"(/tmp/spot-agent-demo-[^/\s]+)/", line)
+            if m:
+                workdir = m.group(1)
+            if "trainer started" in line:
+                break
+        assert workdir, "".join(out)
+        with open("/proc/self/mountinfo") as fh:
+            assert workdir in fh.read(), "the volume was not mounted when the interrupt came"
+        children = [p for p in psutil.process_iter(["cmdline"]) if workdir in " ".join(p.info["cmdline"] or [])]
+        assert len(children) >= 2  # the agent and the trainer
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+        out.append(rest)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, "".join(out)
+    assert "interrupted" in "".join(out)
+    time.sleep(0.2)
+    with open("/proc/self/mountinfo") as fh:
+        assert workdir not in fh.read()
+    assert workdir not in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    assert not os.path.exists(workdir)
+    for child in children:
+        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, child
