@@ -133,13 +133,14 @@ class Downloader:
         """Fetch one chunk; returns the file's outcome if this call finished the file."""
         try:
             with job.lock:
-                if job.done is not None or job.error:
-                    return self._release(job)
-                if not job.prepared:
+                skip = job.done is not None or bool(job.error)
+                if not skip and not job.prepared:
                     adopted = self._prepare(job)
                     if adopted is not None:
                         job.done = adopted
-                        return self._release(job)
+                        skip = True
+            if skip:
+                return self._release(job)
             start, end = job.chunks[index]
             self._fetch(job, start, end, ranged=len(job.chunks) > 1)
         except DiskFull as exc:
@@ -269,7 +270,7 @@ class Downloader:
         from botocore.exceptions import ClientError
 
         item = job.item
-        offset = start
+        pos = [start]  # advanced by _copy as bytes land, so a retry resumes where the body broke off
         attempt = 0
         while True:
             if self.stop.is_set():
@@ -280,8 +281,8 @@ class Downloader:
                 kwargs = {"Bucket": self.bucket, "Key": item.key}
                 if item.etag:
                     kwargs["IfMatch"] = item.etag
-                if ranged or offset > 0:
-                    kwargs["Range"] = f"bytes={offset}-{end}"
+                if ranged or pos[0] > start:
+                    kwargs["Range"] = f"bytes={pos[0]}-{end}"
                 if item.size == 0:
                     kwargs.pop("Range", None)
                 resp = self.s3.get_object(**kwargs)
@@ -289,11 +290,11 @@ class Downloader:
                     job.verify_md5 = False  # the ETag is not an MD5 of the content
                 body = resp["Body"]
                 try:
-                    offset = self._copy(job, body, offset, end)
+                    self._copy(job, body, pos, end)
                 finally:
                     body.close()
-                if offset <= end:
-                    raise _Truncated(f"body ended at byte {offset}, expected {end + 1}")
+                if pos[0] <= end:
+                    raise _Truncated(f"body ended at byte {pos[0]}, expected {end + 1}")
                 return
             except ClientError as exc:
                 code = str(exc.response.get("Error", {}).get("Code", ""))
@@ -319,9 +320,10 @@ class Downloader:
             if self.stop.wait(backoff(attempt)):
                 raise Stopped("stopped")
 
-    def _copy(self, job: _Job, body: Any, offset: int, end: int) -> int:
+    def _copy(self, job: _Job, body: Any, pos: List[int], end: int) -> None:
         chunk = self.limiter.chunk
-        while offset <= end:
+        while pos[0] <= end:
+            offset = pos[0]
             if self.stop.is_set():
                 raise Stopped("stopped")
             data = body.read(min(chunk, end - offset + 1))
@@ -336,9 +338,8 @@ class Downloader:
                 raise LocalError(f"write failed: {exc.strerror}") from None
             if job.md5 is not None:
                 job.md5.update(data)
-            offset += len(data)
+            pos[0] = offset + len(data)
             self.on_bytes(len(data))
-        return offset
 
 
 class _Truncated(Exception):
