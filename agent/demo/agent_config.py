@@ -26,6 +26,7 @@ class DemoSettings:
     shutdown_budget: float = 30.0
     poll_interval: float = 0.2
     slow_poll_interval: float = 0.5
+    imds_backoff_max: float = 8.0  # the agent's default; the flapping test lowers it
     rebalance: str = "checkpoint"
     step_seconds: float = 0.1  # the toy workload's training step
     checkpoint_every: int = 10  # steps between its periodic checkpoints
@@ -82,6 +83,7 @@ def render(paths: InstancePaths, settings: DemoSettings, imds_url: str, aws_url:
         f"endpoint = {_q(imds_url)}",
         f"poll_interval = {s.poll_interval}",
         f"slow_poll_interval = {s.slow_poll_interval}",
+        f"backoff_max = {s.imds_backoff_max}",
         "",
         "[aws]",
         f"endpoint_url = {_q(aws_url)}",

@@ -13,7 +13,6 @@ prints it and the e2e tests assert on it. Everything it starts is stopped in ``f
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from dataclasses import dataclass, field
