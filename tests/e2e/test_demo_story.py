@@ -176,3 +176,26 @@ def test_ctrl_c_mid_story_stops_everything_and_releases_mounts_and_loops():
     assert not os.path.exists(workdir)
     for child in children:
         assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, child
+
+
+def test_a_failed_story_reports_why_and_still_releases_everything(local_aws):
+    """Instance 1 cannot become READY (a hostile key in the dataset) after its volume was mounted."""
+    import boto3
+
+    from agent.demo.environment import BUCKET, DATASET_PREFIX
+    from agent.demo.story import StoryOptions, run_story
+
+    local_aws.reset()
+    s3 = boto3.client("s3", endpoint_url=local_aws.url, region_name="us-east-1")
+    s3.create_bucket(Bucket=BUCKET)
+    s3.put_object(Bucket=BUCKET, Key=DATASET_PREFIX + "../../etc/cron.d/evil", Body=b"* * * * * root true\n")
+    result = run_story(StoryOptions(block_devices=True, aws=local_aws))
+    assert result["ok"] is False
+    assert "exited with 1 before READY" in result["error"], result["error"]
+    assert "../../etc/cron.d/evil" in result["error"]
+    workdir = result["workdir"]
+    assert any(line.startswith("unmounted ") for line in result["cleanup"]), result["cleanup"]
+    with open("/proc/self/mountinfo") as fh:
+        assert workdir not in fh.read()
+    assert workdir not in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    assert not os.path.exists(workdir)
