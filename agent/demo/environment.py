@@ -211,7 +211,7 @@ class DemoEnvironment:
     def aws_url(self) -> str:
         return self.aws.url
 
-    def simulated(self) -> List[str]:
+    def simulated(self, s3_checkpoints: bool = True) -> List[str]:
         """One line per component: what is real here and what is simulated."""
         lines = [
             "IMDS: the project's simulator on 127.0.0.1 (IMDSv2 tokens enforced), one per instance",
@@ -221,8 +221,10 @@ class DemoEnvironment:
             lines.append(f"EBS volumes: real loop devices ({self.volume_mib} MiB sparse files) with a Nitro-like "
                          "/dev/disk/by-id and sysfs tree; real mkfs.ext4, mount and fsfreeze")
         else:
+            then = ("the checkpoint comes back from S3" if s3_checkpoints
+                    else "and this build has no S3 checkpoint store, so nothing carries the checkpoint over")
             lines.append(f"EBS volumes: SIMULATED as plain directories ({self.mode_reason or 'asked for'}): no mkfs, "
-                         "mount, fsfreeze or snapshot; the checkpoint comes back from S3")
+                         f"mount, fsfreeze or snapshot; {then}")
         lines.append("the agent: the real `spot-agent run`, one process per instance; the workload: a toy trainer")
         return lines
 

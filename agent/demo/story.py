@@ -195,11 +195,11 @@ class Story:
         s = self.settings
         env = self.env.start()
         self.result["workdir"] = env.workdir
-        self.result["simulated"] = env.simulated()
+        self.result["simulated"] = env.simulated(self.s3_checkpoints)
         self.result["block_devices"] = bool(env.block_devices)
         self.result["s3_checkpoints"] = self.s3_checkpoints
         self.options.progress("what is simulated:")
-        for line in env.simulated():
+        for line in self.result["simulated"]:
             self.options.progress(f"  - {line}")
         self.options.progress("")
         self.options.progress(TEXT_HEADER)
