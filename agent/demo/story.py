@@ -232,6 +232,7 @@ class Story:
         rec = one.wait_drain("run", timeout=s.notice_window + 20)
         drained_at = time.time()
         detected = float((rec.get("event") or {}).get("detected_at") or notice_at)
+        deadline = float((rec.get("event") or {}).get("deadline") or deadline)  # IMDS gives whole seconds
         self.say(one.name, f"agent saw the notice {detected - notice_at:.2f} s after IMDS showed it", at=detected)
         steps = drain_steps(rec, one.agent.notify.snapshot())
         for step in steps:
