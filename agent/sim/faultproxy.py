@@ -141,6 +141,11 @@ class FaultProxy:
                     self.end_headers()
                     self.wfile.write(SLOWDOWN_BODY)
                     return
+                if fault is not None and fault.kind == "reset" and self.command in ("PUT", "POST"):
+                    # An upload cut off mid-body: the server never sees a complete request.
+                    rec.status = -1
+                    self._reset()
+                    return
                 if fault is not None and fault.kind == "delay":
                     time.sleep(fault.seconds)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "connection", "content-length")}
@@ -155,7 +160,10 @@ class FaultProxy:
                 rec.status = resp.status
                 kind = fault.kind if fault is not None else ""
                 if kind in ("reset", "truncate", "short") and len(data) < 2:
-                    kind = "reset" if kind == "reset" else ""
+                    if kind == "reset":
+                        self._reset()
+                        return
+                    kind = ""
                 half = len(data) // 2
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
@@ -171,9 +179,7 @@ class FaultProxy:
                 if kind == "reset":
                     self.wfile.write(data[:half])
                     self.wfile.flush()
-                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    self.close_connection = True
-                    self.connection.close()
+                    self._reset()
                     return
                 if kind == "truncate":
                     self.wfile.write(data[:half])
@@ -182,6 +188,12 @@ class FaultProxy:
                     self.connection.shutdown(socket.SHUT_WR)
                     return
                 self.wfile.write(data[:half] if kind == "short" else data)
+
+            def _reset(self) -> None:
+                self.wfile.flush()
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.close_connection = True
+                self.connection.close()
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 

@@ -90,8 +90,11 @@ def md5_file(path: str, limit: int = -1, fd: Optional[int] = None) -> str:
 
 
 class _Job:
-    def __init__(self, item: Download, chunks: List[Tuple[int, int]]) -> None:
+    def __init__(self, item: Download, chunks: List[Tuple[int, int]], expect: Optional[List[str]] = None,
+                 algorithm: str = "sha256") -> None:
         self.item = item
+        self.expect = expect  # base64 checksum of each chunk (the upload's parts), verified as it lands
+        self.algorithm = algorithm
         self.chunks = chunks
         self.lock = threading.Lock()
         self.remaining = len(chunks)
@@ -102,7 +105,7 @@ class _Job:
         self.fd = -1
         self.temp = ""
         self.md5 = hashlib.md5() if len(chunks) == 1 else None
-        self.verify_md5 = plain_md5_etag(item.etag) is not None
+        self.verify_md5 = expect is None and plain_md5_etag(item.etag) is not None
 
 
 class Downloader:
@@ -123,7 +126,14 @@ class Downloader:
         self.retries = 0
 
     # -- planning a file into chunk tasks -------------------------------------------------------
-    def job(self, item: Download) -> _Job:
+    def job(self, item: Download, part_size: int = 0, expect: Optional[List[str]] = None, algorithm: str = "sha256") -> _Job:
+        """``part_size``/``expect``: fetch in exactly these parts and check each part's checksum."""
+        if expect is not None:
+            step = part_size or max(1, item.size)
+            chunks = [(s, min(s + step, item.size) - 1) for s in range(0, item.size, step)] or [(0, -1)]
+            if len(chunks) != len(expect):
+                raise ValueError(f"{item.key}: manifest lists {len(expect)} part checksums for {len(chunks)} parts")
+            return _Job(item, chunks, expect, algorithm)
         if item.size < self.threshold or item.size <= self.part_size:
             return _Job(item, [(0, item.size - 1)])
         chunks = [(s, min(s + self.part_size, item.size) - 1) for s in range(0, item.size, self.part_size)]
@@ -209,7 +219,10 @@ class Downloader:
             st = None
         if st is not None and statmod.S_ISDIR(st.st_mode):
             raise LocalError(f"file/directory conflict: local {item.path!r} is a directory")
-        if item.verify and st is not None and statmod.S_ISREG(st.st_mode) and st.st_size == item.size:
+        if item.verify and st is not None and statmod.S_ISREG(st.st_mode) and st.st_size == item.size and job.expect is not None:
+            if self._local_parts(final, job) == job.expect:
+                return FileOutcome(item, True, adopted=True, mtime_ns=os.lstat(final).st_mtime_ns)
+        elif item.verify and st is not None and statmod.S_ISREG(st.st_mode) and st.st_size == item.size:
             want = plain_md5_etag(item.etag)
             if want is not None and md5_file(final) == want:
                 return FileOutcome(item, True, adopted=True, mtime_ns=os.lstat(final).st_mtime_ns)
@@ -230,6 +243,27 @@ class Downloader:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                     raise LocalError(f"cannot allocate {item.path}: {exc.strerror}") from None
         return None
+
+    @staticmethod
+    def _local_parts(path: str, job: _Job) -> List[str]:
+        from agent.transfer import checksums
+
+        out = []
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for start, end in job.chunks:
+                h = checksums.new(job.algorithm)
+                off = start
+                while off <= end:
+                    buf = os.pread(fd, min(4 * 1024 * 1024, end - off + 1), off)
+                    if not buf:
+                        break
+                    h.update(buf)
+                    off += len(buf)
+                out.append(checksums.b64(h.digest()))
+        finally:
+            os.close(fd)
+        return out
 
     def _discard(self, job: _Job) -> None:
         if job.fd >= 0:
@@ -272,6 +306,11 @@ class Downloader:
         item = job.item
         pos = [start]  # advanced by _copy as bytes land, so a retry resumes where the body broke off
         attempt = 0
+        hasher = None
+        if job.expect is not None:
+            from agent.transfer import checksums
+
+            hasher = checksums.new(job.algorithm)
         while True:
             if self.stop.is_set():
                 raise Stopped("stopped")
@@ -290,11 +329,18 @@ class Downloader:
                     job.verify_md5 = False  # the ETag is not an MD5 of the content
                 body = resp["Body"]
                 try:
-                    self._copy(job, body, pos, end)
+                    self._copy(job, body, pos, end, hasher)
                 finally:
                     body.close()
                 if pos[0] <= end:
                     raise _Truncated(f"body ended at byte {pos[0]}, expected {end + 1}")
+                if hasher is not None:
+                    from agent.transfer.checksums import b64
+
+                    idx = job.chunks.index((start, end))
+                    got = b64(hasher.digest())
+                    if got != job.expect[idx]:
+                        raise RemoteError(f"checksum mismatch in bytes {start}-{end}: {job.algorithm} {got} != manifest {job.expect[idx]}; refusing the object")
                 return
             except ClientError as exc:
                 code = str(exc.response.get("Error", {}).get("Code", ""))
@@ -320,7 +366,7 @@ class Downloader:
             if self.stop.wait(backoff(attempt)):
                 raise Stopped("stopped")
 
-    def _copy(self, job: _Job, body: Any, pos: List[int], end: int) -> None:
+    def _copy(self, job: _Job, body: Any, pos: List[int], end: int, hasher: Any = None) -> None:
         chunk = self.limiter.chunk
         while pos[0] <= end:
             offset = pos[0]
@@ -338,6 +384,8 @@ class Downloader:
                 raise LocalError(f"write failed: {exc.strerror}") from None
             if job.md5 is not None:
                 job.md5.update(data)
+            if hasher is not None:
+                hasher.update(data)
             pos[0] = offset + len(data)
             self.on_bytes(len(data))
 

@@ -1,0 +1,429 @@
+"""Checkpoints out to S3 and back: upload, commit (manifest last), restore (verified), retention.
+
+S3 layout under the configured prefix (``s3 = "s3://bucket/checkpoints/run-42/"``)::
+
+    data/<id>/<relative path>       file contents, uploaded with an S3-verified checksum
+    manifests/<id>.json             the commit record, written LAST
+
+``<id>`` is ``YYYYMMDDTHHMMSS.ffffffZ-<6 hex>`` (UTC), so key order is time order. A checkpoint is
+committed exactly when its manifest exists; an upload interrupted before that leaves the previous
+manifest the newest one. Unchanged files (same size, mtime, ctime and inode as in the previous
+committed manifest) are not uploaded again: the new manifest points at the object already stored.
+Retention keeps the newest ``keep`` manifests and deletes only keys of our own layout that no kept
+manifest references (never anything else under the prefix).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import socket
+import stat as statmod
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+from agent.config import CheckpointSection, TransferSection
+from agent.state import StateStore
+from agent.transfer import checksums
+from agent.transfer.bandwidth import Limiter
+from agent.transfer.download import Downloader, FileOutcome
+from agent.transfer.keys import TEMP_PREFIX, key_to_relpath, split_s3_url
+from agent.transfer.planner import Download
+from agent.transfer.scheduler import BoundedExecutor
+from agent.transfer.upload import LocalFile, UploadOutcome, Uploader
+
+FORMAT = "spot-agent-checkpoint/1"
+ID_RE = re.compile(r"^\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}$")
+MANIFEST_RESERVE = 2.0  # seconds kept for writing the manifest before a deadline
+
+
+@dataclass
+class CommitResult:
+    committed: bool
+    checkpoint_id: str = ""
+    files: int = 0  # files in the committed checkpoint
+    bytes: int = 0  # bytes uploaded by this call (unchanged files are not re-sent)
+    seconds: float = 0.0
+    error: str = ""
+    manifest_key: str = ""
+    uploaded: int = 0  # files uploaded by this call
+    reused: int = 0  # files carried over from the previous checkpoint
+    incomplete: List[str] = field(default_factory=list)  # files left out: still being written
+
+
+@dataclass
+class RestoreResult:
+    restored: bool
+    checkpoint_id: str = ""
+    files: int = 0
+    bytes: int = 0
+    skipped: int = 0  # already present locally with matching checksums
+    seconds: float = 0.0
+    error: str = ""
+    error_messages: List[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.restored
+
+
+def new_checkpoint_id(now: float) -> str:
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int((now % 1) * 1e6):06d}Z-{secrets.token_hex(3)}"
+
+
+def complete_files(root: str, files: List[LocalFile], settle: float, marker: str, now: float) -> Tuple[List[LocalFile], List[str]]:
+    """Split files into complete and still-being-written. Pure apart from the marker stats given in.
+
+    With ``marker`` set, a file is complete when its directory or one above it (inside the checkpoint
+    dir) holds the marker and the file is no newer than that marker. Otherwise a file is complete once
+    unmodified for ``settle`` seconds (mtime and ctime: a rename or chmod resets it too).
+    """
+    done: List[LocalFile] = []
+    pending: List[str] = []
+    marker_mtime: Dict[str, Optional[int]] = {}
+
+    def marker_of(d: str) -> Optional[int]:
+        if d not in marker_mtime:
+            try:
+                marker_mtime[d] = os.stat(os.path.join(root, d, marker)).st_mtime_ns
+            except OSError:
+                marker_mtime[d] = None
+        return marker_mtime[d]
+
+    for f in files:
+        if marker:
+            parts = f.path.split("/")[:-1]
+            dirs = ["/".join(parts[:i]) for i in range(len(parts), -1, -1)]
+            ok = False
+            for d in dirs:
+                m = marker_of(d)
+                if m is not None:
+                    ok = f.mtime_ns <= m or f.path.rsplit("/", 1)[-1] == marker
+                    break
+            if ok:
+                done.append(f)
+            else:
+                pending.append(f.path)
+        else:
+            newest = max(f.mtime_ns, f.ctime_ns) / 1e9
+            if now - newest >= settle:
+                done.append(f)
+            else:
+                pending.append(f.path)
+    return done, pending
+
+
+def scan(root: str) -> List[LocalFile]:
+    out: List[LocalFile] = []
+    for dirpath, dirs, names in os.walk(root):
+        dirs.sort()
+        for name in sorted(names):
+            if name.startswith(TEMP_PREFIX):
+                continue
+            full = os.path.join(dirpath, name)
+            st = os.lstat(full)
+            if not statmod.S_ISREG(st.st_mode):
+                continue  # symlinks, sockets, fifos are not checkpoint data
+            rel = os.path.relpath(full, root).replace(os.sep, "/")
+            out.append(LocalFile(rel, full, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+    return out
+
+
+class CheckpointStore:
+    def __init__(self, s3: Any, ck: CheckpointSection, transfer: TransferSection, state_dir: str, name: str = "") -> None:
+        self.s3 = s3
+        self.ck = ck
+        self.transfer = transfer
+        self.bucket, self.prefix = split_s3_url(ck.s3)
+        self.name = name or os.path.basename(os.path.normpath(ck.dir)) or ck.dir
+        os.makedirs(os.path.join(state_dir, "checkpoints"), exist_ok=True)
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", self.name)
+        self.state = StateStore(os.path.join(state_dir, "checkpoints", f"{safe}.json"))
+        self._lock = threading.Lock()
+
+    # -- keys -------------------------------------------------------------------------------------
+    def manifest_key(self, cid: str) -> str:
+        return f"{self.prefix}manifests/{cid}.json"
+
+    def data_key(self, cid: str, rel: str) -> str:
+        return f"{self.prefix}data/{cid}/{rel}"
+
+    def _list(self, prefix: str) -> List[str]:
+        out = []
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            out.extend(o["Key"] for o in page.get("Contents", ()))
+        return out
+
+    def committed_ids(self) -> List[str]:
+        """Committed checkpoint ids, oldest first (our id format only)."""
+        ids = []
+        for key in self._list(f"{self.prefix}manifests/"):
+            base = key[len(self.prefix) + len("manifests/"):]
+            if base.endswith(".json") and ID_RE.match(base[:-5]):
+                ids.append(base[:-5])
+        return sorted(ids)
+
+    def _read_manifest(self, cid: str) -> Optional[dict]:
+        from botocore.exceptions import ClientError
+
+        try:
+            body = self.s3.get_object(Bucket=self.bucket, Key=self.manifest_key(cid))["Body"].read()
+            doc = json.loads(body)
+        except (ClientError, ValueError):
+            return None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("id") != cid or not isinstance(doc.get("files"), list):
+            return None
+        return doc
+
+    def latest(self) -> Optional[dict]:
+        for cid in reversed(self.committed_ids()):
+            doc = self._read_manifest(cid)
+            if doc is not None:
+                return doc
+        return None
+
+    # -- upload + commit --------------------------------------------------------------------------
+    def upload(self, deadline: Optional[float] = None, reason: str = "") -> CommitResult:
+        from agent import metrics
+
+        with self._lock:
+            t0 = time.monotonic()
+            res = self._upload(deadline, reason)
+            res.seconds = time.monotonic() - t0
+        metrics.CHECKPOINT_UPLOAD_BYTES.labels(checkpoint=self.name).inc(res.bytes)
+        if res.committed:
+            metrics.CHECKPOINT_LAST_COMMIT.labels(checkpoint=self.name).set(time.time())
+        else:
+            metrics.CHECKPOINT_FAILURES.labels(checkpoint=self.name).inc()
+        return res
+
+    def _upload(self, deadline: Optional[float], reason: str) -> CommitResult:
+        if not os.path.isdir(self.ck.dir):
+            return CommitResult(False, error=f"checkpoint dir {self.ck.dir} does not exist")
+        try:
+            checksums.new(self.transfer.checksum)
+        except ValueError as exc:
+            return CommitResult(False, error=str(exc))
+        now = time.time()
+        files, incomplete = complete_files(self.ck.dir, scan(self.ck.dir), self.ck.settle, self.ck.marker, now)
+        if not files:
+            return CommitResult(False, error="nothing complete to upload" + (f" ({len(incomplete)} files still being written)" if incomplete else ""),
+                                incomplete=incomplete)
+        try:
+            previous = self.latest()
+        except Exception as exc:  # noqa: BLE001 - a listing failure means we cannot commit safely either
+            return CommitResult(False, error=f"cannot list {self.ck.s3}: {exc}")
+        prev = {e["path"]: e for e in (previous or {}).get("files", [])}
+        cid = new_checkpoint_id(now)
+        entries: Dict[str, dict] = {}
+        todo: List[LocalFile] = []
+        for f in files:
+            old = prev.get(f.path)
+            if old and (old.get("size"), old.get("mtime_ns"), old.get("ctime_ns"), old.get("ino")) == (f.size, f.mtime_ns, f.ctime_ns, f.ino) \
+                    and old.get("checksum", {}).get("algorithm") == self.transfer.checksum:
+                entries[f.path] = old
+            else:
+                todo.append(f)
+        res = CommitResult(False, cid, incomplete=incomplete, reused=len(entries))
+        need = sum(f.size for f in todo)
+        rate = float(self.state.get("upload", {}).get("rate", 0.0))
+        if deadline is not None and rate > 0 and time.time() + need / rate + MANIFEST_RESERVE > deadline:
+            res.error = f"deadline: {need} bytes to upload need ~{need / rate:.1f}s at {rate / 1e6:.1f} MB/s, {deadline - time.time():.1f}s left"
+            return res
+
+        stop = threading.Event()
+        done = [0]
+        lock = threading.Lock()
+
+        def on_bytes(n: int) -> None:
+            with lock:
+                done[0] += n
+
+        up = Uploader(self.s3, self.bucket, self.transfer.checksum, self.transfer.part_size, self.transfer.multipart_threshold,
+                      Limiter(self.transfer.max_bandwidth, stop=stop), stop=stop, on_bytes=on_bytes)
+        pool = BoundedExecutor(self.transfer.concurrency, self.transfer.concurrency * 2, "checkpoint")
+        errors: List[str] = []
+        t_start = time.monotonic()
+
+        def handle(out: Any) -> None:
+            if isinstance(out, BaseException):
+                errors.append(f"internal error: {out}")
+            elif isinstance(out, UploadOutcome):
+                if out.ok:
+                    f = out.file
+                    entries[f.path] = {"path": f.path, "size": f.size, "key": out.key[len(self.prefix):],
+                                       "checksum": {"algorithm": self.transfer.checksum, "part_size": out.part_size, "parts": out.parts},
+                                       "mtime_ns": f.mtime_ns, "ctime_ns": f.ctime_ns, "ino": f.ino}
+                    res.uploaded += 1
+                else:
+                    errors.append(out.error)
+
+        def too_late(remaining: int) -> bool:
+            if deadline is None:
+                return False
+            elapsed = time.monotonic() - t_start
+            r = done[0] / elapsed if elapsed > 0.5 and done[0] > 0 else rate
+            left = deadline - time.time() - MANIFEST_RESERVE
+            return left <= 0 or (r > 0 and remaining / r > left)
+
+        remaining = need
+        try:
+            for f in todo:
+                if errors:
+                    break
+                if too_late(remaining - 0):
+                    errors.append(f"deadline: stopped with {remaining} bytes not uploaded; nothing committed")
+                    break
+                job = up.plan(f, self.data_key(cid, f.path))
+                for i in range(len(job.ranges)):
+                    while not pool.submit(up.run_part, job, i, timeout=0.1):
+                        for out in pool.drain():
+                            handle(out)
+                        if too_late(remaining - done[0] + (need - remaining)) and not errors:
+                            errors.append(f"deadline: stopped with {need - done[0]} bytes not uploaded; nothing committed")
+                            stop.set()
+                remaining -= f.size
+                for out in pool.drain():
+                    handle(out)
+            while not pool.idle():
+                for out in pool.drain(timeout=0.1):
+                    handle(out)
+                if too_late(need - done[0]) and not errors:
+                    errors.append(f"deadline: stopped with {need - done[0]} bytes not uploaded; nothing committed")
+                    stop.set()
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            if errors:
+                stop.set()
+            pool.shutdown()
+            for out in pool.drain():
+                handle(out)
+            if errors:
+                up.abort_all()
+        res.bytes = done[0]
+        if errors:
+            res.error = errors[0] if len(errors) == 1 else f"{errors[0]} (and {len(errors) - 1} more)"
+            return res
+        elapsed = time.monotonic() - t_start
+        if done[0] >= 8 * 1024 * 1024 and elapsed > 0:
+            self.state.update("upload", rate=done[0] / elapsed)
+        # Everything is in S3: commit by writing the manifest, last.
+        doc = {"format": FORMAT, "id": cid, "created": now, "reason": reason, "host": socket.gethostname(),
+               "source_dir": self.ck.dir, "files": [entries[p] for p in sorted(entries)],
+               "total_bytes": sum(e["size"] for e in entries.values())}
+        body = json.dumps(doc, indent=1, sort_keys=True).encode()
+        try:
+            up._call(self.s3.put_object, Bucket=self.bucket, Key=self.manifest_key(cid), Body=body,
+                     ContentType="application/json", ChecksumSHA256=checksums.of_bytes("sha256", body))
+        except Exception as exc:  # noqa: BLE001
+            res.error = f"manifest write failed, not committed: {exc}"
+            return res
+        res.committed = True
+        res.files = len(doc["files"])
+        res.manifest_key = self.manifest_key(cid)
+        self.state.update("last_commit", id=cid, at=time.time(), files=res.files)
+        try:
+            self.prune()
+        except Exception:  # noqa: BLE001 - retention is best effort; the commit stands
+            pass
+        return res
+
+    # -- restore ----------------------------------------------------------------------------------
+    def restore(self) -> RestoreResult:
+        t0 = time.monotonic()
+        doc = self.latest()
+        if doc is None:
+            return RestoreResult(False, error=f"no committed checkpoint under {self.ck.s3}")
+        res = RestoreResult(False, doc["id"])
+        os.makedirs(self.ck.dir, exist_ok=True)
+        stop = threading.Event()
+        dl = Downloader(self.s3, self.bucket, self.ck.dir, Limiter(self.transfer.max_bandwidth, stop=stop),
+                        self.transfer.part_size, self.transfer.multipart_threshold, stop=stop)
+        pool = BoundedExecutor(self.transfer.concurrency, self.transfer.concurrency * 2, "restore")
+
+        def handle(out: Any) -> None:
+            if isinstance(out, FileOutcome):
+                if out.ok:
+                    if out.adopted:
+                        res.skipped += 1
+                    else:
+                        res.files += 1
+                        res.bytes += out.item.size
+                else:
+                    res.error_messages.append(out.error)
+            elif isinstance(out, BaseException):
+                res.error_messages.append(f"internal error: {out}")
+
+        try:
+            for e in doc["files"]:
+                verdict = key_to_relpath(e.get("path", ""), "")
+                cs = e.get("checksum") or {}
+                if verdict.path is None or verdict.path != e.get("path") or not str(e.get("key", "")).startswith("data/"):
+                    res.error_messages.append(f"manifest entry {e.get('path')!r} refused: {verdict.reason or 'bad key'}")
+                    continue
+                try:
+                    item = Download(self.prefix + e["key"], verdict.path, int(e["size"]), "", True, "restore")
+                    job = dl.job(item, int(cs.get("part_size") or 0), list(cs.get("parts") or []), cs.get("algorithm", "sha256"))
+                except (KeyError, ValueError, TypeError) as exc:
+                    res.error_messages.append(f"manifest entry {e.get('path')!r} refused: {exc}")
+                    continue
+                for i in range(len(job.chunks)):
+                    while not pool.submit(dl.run_chunk, job, i, timeout=0.1):
+                        for out in pool.drain():
+                            handle(out)
+            while not pool.idle():
+                for out in pool.drain(timeout=0.1):
+                    handle(out)
+        finally:
+            pool.shutdown()
+            for out in pool.drain():
+                handle(out)
+        res.seconds = time.monotonic() - t0
+        if res.error_messages:
+            res.error = res.error_messages[0] + (f" (and {len(res.error_messages) - 1} more)" if len(res.error_messages) > 1 else "")
+        else:
+            res.restored = True
+        return res
+
+    # -- retention --------------------------------------------------------------------------------
+    def prune(self) -> List[str]:
+        ids = self.committed_ids()
+        if len(ids) <= self.ck.keep:
+            kept, dropped = ids, []
+        else:
+            kept, dropped = ids[-self.ck.keep:], ids[: -self.ck.keep]
+        if not kept:
+            return []
+        referenced = set()
+        for cid in kept:
+            doc = self._read_manifest(cid)
+            if doc is None:
+                return []  # cannot tell what a kept checkpoint needs: delete nothing
+            referenced.update(self.prefix + e["key"] for e in doc["files"])
+        newest = kept[-1]
+        doomed = [self.manifest_key(c) for c in dropped]
+        for key in self._list(f"{self.prefix}data/"):
+            cid = key[len(self.prefix) + 5:].split("/", 1)[0]
+            # Only our layout, never what a kept manifest uses, never a newer upload still in flight.
+            if ID_RE.match(cid) and cid < newest and key not in referenced:
+                doomed.append(key)
+        deleted: List[str] = []
+        for i in range(0, len(doomed), 1000):
+            batch = doomed[i:i + 1000]
+            resp = self.s3.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True})
+            failed = {e["Key"] for e in resp.get("Errors", [])}
+            deleted.extend(k for k in batch if k not in failed)
+        try:
+            ups = self.s3.list_multipart_uploads(Bucket=self.bucket, Prefix=f"{self.prefix}data/").get("Uploads", [])
+            for u in ups:
+                cid = u["Key"][len(self.prefix) + 5:].split("/", 1)[0]
+                if ID_RE.match(cid) and cid < newest:
+                    self.s3.abort_multipart_upload(Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"])
+        except Exception:  # noqa: BLE001 - best effort
+            pass
+        return deleted

@@ -1,0 +1,177 @@
+"""One local file -> one S3 object, with a checksum S3 verifies on arrival (x-amz-checksum-*).
+
+Small files: one PUT. Large files: a multipart upload whose parts run in parallel on the shared
+pool; the worker finishing the last part completes the upload, and any failed part aborts it, so no
+orphaned parts are left behind. The file is read in parts with ``pread``; its size and mtime are
+checked again after the last read, so a file modified while uploading is refused, not stored torn.
+The per-part checksums are returned for the manifest: restore fetches the same byte ranges and
+checks each one, in parallel, without a second pass over the file.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+from agent.transfer import checksums
+from agent.transfer.bandwidth import Limiter
+from agent.transfer.retry import backoff, is_transient
+
+
+class UploadError(Exception):
+    pass
+
+
+@dataclass
+class LocalFile:
+    path: str  # relative POSIX path inside the checkpoint directory
+    full: str
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    ino: int
+
+
+@dataclass
+class UploadOutcome:
+    file: LocalFile
+    key: str
+    ok: bool
+    part_size: int = 0
+    parts: List[str] = field(default_factory=list)
+    error: str = ""
+
+
+class _FileUpload:
+    def __init__(self, f: LocalFile, key: str, part_size: int, multipart: bool) -> None:
+        self.f = f
+        self.key = key
+        self.part_size = part_size if multipart else max(1, f.size)
+        n = max(1, -(-f.size // self.part_size))
+        self.ranges = [(i * self.part_size, min(self.part_size, f.size - i * self.part_size)) for i in range(n)]
+        self.multipart = multipart
+        self.upload_id = ""
+        self.etags: List[str] = [""] * n
+        self.sums: List[str] = [""] * n
+        self.remaining = n
+        self.lock = threading.Lock()
+        self.error = ""
+
+
+class Uploader:
+    def __init__(self, s3: Any, bucket: str, algorithm: str, part_size: int, threshold: int, limiter: Limiter,
+                 attempts: int = 5, stop: Optional[threading.Event] = None,
+                 on_bytes: Optional[Callable[[int], None]] = None) -> None:
+        if not checksums.available(algorithm):
+            checksums.new(algorithm)  # raises the clear error
+        self.s3 = s3
+        self.bucket = bucket
+        self.algorithm = algorithm
+        self.s3_alg = checksums.S3_NAMES[algorithm]
+        self.part_size = part_size
+        self.threshold = threshold
+        self.limiter = limiter
+        self.attempts = attempts
+        self.stop = stop or threading.Event()
+        self.on_bytes = on_bytes or (lambda n: None)
+        self.open_uploads: Dict[str, str] = {}  # key -> upload id, for abort on failure/deadline
+        self._lock = threading.Lock()
+
+    def plan(self, f: LocalFile, key: str) -> _FileUpload:
+        job = _FileUpload(f, key, self.part_size, f.size >= self.threshold and f.size > self.part_size)
+        if job.multipart:
+            resp = self._call(self.s3.create_multipart_upload, Bucket=self.bucket, Key=key, ChecksumAlgorithm=self.s3_alg)
+            job.upload_id = resp["UploadId"]
+            with self._lock:
+                self.open_uploads[key] = job.upload_id
+        return job
+
+    def run_part(self, job: _FileUpload, index: int) -> Optional[UploadOutcome]:
+        try:
+            if not job.error:
+                self._part(job, index)
+        except Exception as exc:  # noqa: BLE001 - reported per file
+            job.error = job.error or str(exc)
+        with job.lock:
+            job.remaining -= 1
+            last = job.remaining == 0
+        if not last:
+            return None
+        if not job.error:
+            try:
+                self._check_unchanged(job.f)
+                if job.multipart:
+                    self._call(self.s3.complete_multipart_upload, Bucket=self.bucket, Key=job.key, UploadId=job.upload_id,
+                               MultipartUpload={"Parts": [{"PartNumber": i + 1, "ETag": e, f"Checksum{self.s3_alg}": c}
+                                                          for i, (e, c) in enumerate(zip(job.etags, job.sums))]})
+                    with self._lock:
+                        self.open_uploads.pop(job.key, None)
+            except Exception as exc:  # noqa: BLE001
+                job.error = str(exc)
+        if job.error:
+            self.abort(job.key)
+            return UploadOutcome(job.f, job.key, False, error=f"{job.f.path}: {job.error}")
+        return UploadOutcome(job.f, job.key, True, job.part_size, list(job.sums))
+
+    def abort(self, key: str) -> None:
+        with self._lock:
+            upload_id = self.open_uploads.pop(key, "")
+        if upload_id:
+            try:
+                self.s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            except Exception:  # noqa: BLE001 - best effort; prune aborts leftovers later
+                pass
+
+    def abort_all(self) -> None:
+        with self._lock:
+            keys = list(self.open_uploads)
+        for k in keys:
+            self.abort(k)
+
+    @staticmethod
+    def _check_unchanged(f: LocalFile) -> None:
+        st = os.stat(f.full)
+        if (st.st_size, st.st_mtime_ns, st.st_ino) != (f.size, f.mtime_ns, f.ino):
+            raise UploadError("the file changed while it was being uploaded")
+
+    def _part(self, job: _FileUpload, index: int) -> None:
+        if self.stop.is_set():
+            raise UploadError("stopped")
+        offset, length = job.ranges[index]
+        fd = os.open(job.f.full, os.O_RDONLY)
+        try:
+            data = os.pread(fd, length, offset) if length else b""
+        finally:
+            os.close(fd)
+        if len(data) != length:
+            raise UploadError("the file shrank while it was being uploaded")
+        self.limiter.consume(len(data))
+        digest = checksums.of_bytes(self.algorithm, data)
+        arg = {f"Checksum{self.s3_alg}": digest}
+        if job.multipart:
+            resp = self._call(self.s3.upload_part, Bucket=self.bucket, Key=job.key, UploadId=job.upload_id,
+                              PartNumber=index + 1, Body=data, **arg)
+            job.etags[index] = resp["ETag"]
+        else:
+            self._call(self.s3.put_object, Bucket=self.bucket, Key=job.key, Body=data, **arg)
+        job.sums[index] = digest
+        self.on_bytes(len(data))
+
+    def _call(self, fn: Callable[..., Any], **kwargs: Any) -> Any:
+        attempt = 0
+        while True:
+            try:
+                return fn(**kwargs)
+            except Exception as exc:  # noqa: BLE001 - classified
+                attempt += 1
+                if not is_transient(exc) or attempt >= self.attempts:
+                    raise
+                if self.stop.wait(backoff(attempt)):
+                    raise UploadError("stopped") from None
+
+
+def now() -> float:
+    return time.time()
