@@ -20,7 +20,10 @@ from typing import Dict, Iterator, List, Optional
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-TEST_ROOT = Path("/var/tmp/spot-agent-test-root")
+# One root per test session (the pid keeps two concurrent sessions apart); roots left by sessions
+# that died are removed at the start of the next one.
+TEST_ROOT_BASE = "/var/tmp/spot-agent-test-root"
+TEST_ROOT = Path(f"{TEST_ROOT_BASE}.{os.getpid()}")
 CHROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -61,8 +64,10 @@ def deb(tmp_path_factory) -> Deb:
 @pytest.fixture(scope="session")
 def debian_root() -> Iterator[Path]:
     """A fresh `debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus bookworm` root."""
-    if TEST_ROOT.exists():
-        shutil.rmtree(TEST_ROOT)
+    for stale in Path(TEST_ROOT_BASE).parent.glob(Path(TEST_ROOT_BASE).name + ".*"):
+        pid = stale.suffix.lstrip(".")
+        if stale == TEST_ROOT or (pid.isdigit() and not os.path.exists(f"/proc/{pid}")):
+            shutil.rmtree(stale, ignore_errors=True)
     try:
         run(["debootstrap", "--variant=minbase", "--include=systemd,systemd-sysv,dbus", "bookworm", str(TEST_ROOT)],
             timeout=600)

@@ -222,7 +222,8 @@ def prepare(root: Path, scenario: str, sim: str) -> None:
 
 def boot(root: Path, tmp_path: Path) -> str:
     console = tmp_path / "console.log"
-    cmd = f"systemd-nspawn --register=no --keep-unit --quiet -D {root} -b"
+    # A machine name of its own: two test sessions may boot containers at the same time.
+    cmd = f"systemd-nspawn --register=no --keep-unit --quiet --machine=sa-test-{os.getpid()}-{root.parent.name[-8:].replace('_', 'x').lower()} -D {root} -b"
     proc = subprocess.Popen(["script", "-qfec", cmd, str(console)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     try:
