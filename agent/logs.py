@@ -28,7 +28,7 @@ class JournalHandler(logging.Handler):
                 "SYSLOG_IDENTIFIER": "spot-agent",
                 "LOGGER": record.name,
                 "CODE_FILE": record.pathname,
-                "CODE_LINE": str(record.lineno),
+                "CODE_LINE": record.lineno,  # python3-systemd formats it with {:d}
                 "CODE_FUNC": record.funcName,
             }
             extra = getattr(record, "journal", None) or {}
