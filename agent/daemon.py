@@ -368,7 +368,7 @@ class Daemon:
             self.set_status(f"restoring the newest checkpoint into {ck.dir}")
             self.notifier.extend_timeout(300)
             result = store.restore()
-            if getattr(result, "error", ""):
+            if getattr(result, "error", "") and getattr(result, "checkpoint_id", ""):  # a first boot has none yet
                 raise RuntimeError(f"checkpoint restore into {ck.dir}: {result.error}")
             self.last_checkpoint = {"dir": ck.dir, "s3": ck.s3, "checkpoint_id": getattr(result, "checkpoint_id", ""),
                                     "committed_at": getattr(result, "committed_at", None)}
