@@ -65,7 +65,7 @@ volume_id = "{env["vid"]}"
 [[checkpoints]]
 dir = "{mnt}/run"
 s3 = "s3://ckpt-bucket/train/"
-settle = 0
+marker = "DONE"  # the toy workload touches it after its final checkpoint
 interval = 0
 restore = false  # a first boot: nothing committed yet to restore
 [drain.workload]
