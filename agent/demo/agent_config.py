@@ -123,7 +123,9 @@ def render(paths: InstancePaths, settings: DemoSettings, imds_url: str, aws_url:
             f"dir = {_q(paths.checkpoint_dir)}",
             f"s3 = {_q(f's3://{BUCKET}/{CHECKPOINT_PREFIX}')}",
             "interval = 0",
-            "settle = 0.5",
+            "# The trainer writes each checkpoint atomically and the drain uploads after it exited: no settle",
+            "# time, else the final checkpoint (seconds old) would be left out as still being written.",
+            "settle = 0",
             "keep = 3",
             "",
         ]

@@ -60,7 +60,10 @@ def render_report(result: Dict[str, Any], live: bool = False) -> str:
         how = (f"step {resumed}: nothing carried the checkpoint over (no block devices and no S3 checkpoint "
                "store in this build)")
     else:
-        how = f"step {resumed} on the replacement instance" + (f" (volume restored from {src})" if src else "")
+        via = [f"volume restored from {src}"] if src else []
+        if s.get("restored_s3_checkpoint"):
+            via.append(f"S3 checkpoint {s['restored_s3_checkpoint']} restored")
+        how = f"step {resumed} on the replacement instance" + (f" ({', '.join(via)})" if via else "")
     lines.append("  resumed at          " + how)
     lines.append(f"  lifecycle action    {'completed (CONTINUE) once' if s.get('lifecycle_completed') else 'NOT completed'}")
     lines.append(f"  took                {result.get('seconds', 0):.1f} s")

@@ -123,7 +123,7 @@ def describe_step(step: Dict[str, Any], early: bool = False) -> str:
         "notify": "told the workload to checkpoint",
         "wait": "waited for the workload's final checkpoint",
         "snapshot": "fsfreeze + CreateSnapshot + thaw of the checkpoint volume",
-        "upload": "final S3 checkpoint upload + commit",
+        "upload": ("early" if early else "final") + " S3 checkpoint upload + commit",
         "retention": "old snapshots past [drain] keep_snapshots deleted",
         "lifecycle": "CompleteLifecycleAction",
     }.get(step["name"], step["name"])
@@ -261,6 +261,11 @@ class Story:
         restored = tree_hashes(two.paths.checkpoint_dir)
         vol = two.volume_record()
         status = two.status()
+        restored_id = (status.get("last_checkpoint") or {}).get("checkpoint_id") or ""
+        if restored_id:
+            began = two.agent.notify.first("STATUS=restoring the newest checkpoint") or time.time()
+            self.say(two.name, f"restored S3 checkpoint {restored_id} (files already on the volume are kept when "
+                               "their checksums match)", at=began + 0.001)
         two.start_workload()
         resumed = two.resumed_step()
         self.say(two.name, f"trainer resumed at step {resumed}" + (f" (the drain saved step {final_step})"
@@ -271,6 +276,7 @@ class Story:
         self.result["resume"] = {
             "instance_id": two.instance_id, "resumed_step": resumed, "volume_snapshot": vol.get("snapshot_id", ""),
             "volume_id": vol.get("volume_id", ""), "last_checkpoint": status.get("last_checkpoint"),
+            "s3_checkpoint": restored_id,
         }
         self.result["checkpoint_files"] = {"saved": saved, "restored": restored}
         self.result["dataset_dirs"] = {one.name: one.paths.data_dir, two.name: two.paths.data_dir}
@@ -338,6 +344,9 @@ class Story:
         if self.s3_checkpoints:
             ids = drain.get("checkpoint_ids") or {}
             self.check("S3 checkpoint committed", bool(ids), ", ".join(f"{k}: {v}" for k, v in ids.items()) or "none")
+            got = (self.result.get("resume") or {}).get("s3_checkpoint")
+            self.check("newest S3 checkpoint restored", bool(got) and got in ids.values(),
+                       f"{two.name} restored {got or 'nothing'}")
             self.result["s3_checkpoint_keys"] = len(env.s3_keys(CHECKPOINT_PREFIX))
 
     def _data(self) -> Dict[str, Any]:
@@ -354,6 +363,7 @@ class Story:
             "resumed_step": resume.get("resumed_step"),
             "resume_possible": bool(self.env.block_devices) or self.s3_checkpoints,
             "restored_from_snapshot": resume.get("volume_snapshot", ""),
+            "restored_s3_checkpoint": resume.get("s3_checkpoint", ""),
             "lifecycle_completed": drain.get("lifecycle_completed"),
         }
         return {"summary": summary, "timeline": self.timeline.to_list(), "checks": [c.to_dict() for c in self.checks],

@@ -199,3 +199,18 @@ def test_a_failed_story_reports_why_and_still_releases_everything(local_aws):
         assert workdir not in fh.read()
     assert workdir not in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     assert not os.path.exists(workdir)
+
+
+def test_s3_checkpoint_committed_by_the_drain_and_restored_on_the_replacement(story, local_aws):
+    import boto3
+
+    from agent.demo.environment import BUCKET, CHECKPOINT_PREFIX
+
+    assert story["s3_checkpoints"] is True
+    [cid] = story["drain"]["checkpoint_ids"].values()
+    assert story["summary"]["restored_s3_checkpoint"] == cid
+    s3 = boto3.client("s3", endpoint_url=local_aws.url, region_name="us-east-1")
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=CHECKPOINT_PREFIX).get("Contents", [])]
+    final = f"ckpt-{story['drain']['final_step']:08d}.bin"
+    assert any(cid in k for k in keys), keys
+    assert any(k.endswith(final) for k in keys), f"the final checkpoint {final} is not in S3: {keys}"
