@@ -263,9 +263,8 @@ class Story:
         status = two.status()
         restored_id = (status.get("last_checkpoint") or {}).get("checkpoint_id") or ""
         if restored_id:
-            began = two.agent.notify.first("STATUS=restoring the newest checkpoint") or time.time()
-            self.say(two.name, f"restored S3 checkpoint {restored_id} (files already on the volume are kept when "
-                               "their checksums match)", at=began + 0.001)
+            self.say(two.name, f"restored S3 checkpoint {restored_id} before READY (files already on the volume "
+                               "are kept when their checksums match)")
         two.start_workload()
         resumed = two.resumed_step()
         self.say(two.name, f"trainer resumed at step {resumed}" + (f" (the drain saved step {final_step})"
