@@ -128,7 +128,11 @@ class Drainer:
             rec = self._record()
             if rec and not rec.get("finished") and self._abandon_if_stale(rec):
                 rec = self._record()
-            if rec and rec.get("key") == event.key and rec.get("finished"):
+            # The same notice again in the same boot gets the first report. A finished drain from an
+            # earlier boot (a stopped spot instance started again, or the "shutdown" key of the last
+            # poweroff) is history: this termination drains afresh.
+            if (rec and rec.get("key") == event.key and rec.get("finished")
+                    and (not rec.get("boot_id") or rec.get("boot_id") == boot_id())):
                 return DrainReport.from_dict(rec["report"])
             if rec and not rec.get("finished"):
                 if rec.get("key") != event.key:

@@ -165,6 +165,17 @@ def test_a_drain_records_every_step_and_runs_once(parts):
     assert len(parts[1].ec2.created) == 1 and len(asg.completed) == 1 and len(store.calls) == 1
 
 
+def test_a_finished_drain_of_an_earlier_boot_does_not_block_this_one(parts, monkeypatch):
+    import agent.drain.executor as executor
+
+    store = FakeStore("s3://b/ckpt/")
+    monkeypatch.setattr(executor, "boot_id", lambda: "boot-1")
+    make(parts, [store]).run(spot(key="shutdown"))
+    monkeypatch.setattr(executor, "boot_id", lambda: "boot-2")  # the instance was stopped and started
+    second = make(parts, [store]).run(spot(key="shutdown"))
+    assert second.ok and len(parts[1].ec2.created) == 2 and len(store.calls) == 2
+
+
 def test_a_failed_upload_still_completes_the_lifecycle_but_is_not_ok(parts):
     report = make(parts, [FakeStore("s3://b/ckpt/", ok=False)]).run(spot())
     assert report.step("upload").state == "failed" and "S3 said no" in report.step("upload").reason
