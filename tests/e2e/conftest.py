@@ -35,9 +35,10 @@ def new_instance(cloud):
     from agent.demo.instance import SimInstance
 
     def make(name: str = "instance-1", instance_id: str = "", settings: DemoSettings = None,
-             extra_config: str = "") -> SimInstance:
+             extra_config: str = "", s3_checkpoints: bool = False) -> SimInstance:
         iid = instance_id or cloud.create_group()
-        inst = SimInstance(cloud, name, iid, settings or DemoSettings(), s3_checkpoints=False, extra_config=extra_config)
+        inst = SimInstance(cloud, name, iid, settings or DemoSettings(), s3_checkpoints=s3_checkpoints,
+                           extra_config=extra_config)
         cloud.instances.append(inst)
         return inst
 

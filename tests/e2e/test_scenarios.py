@@ -179,7 +179,9 @@ def create_snapshot_answers_late(seconds: float):
 
 
 def test_agent_killed_mid_drain_and_restarted_by_its_supervisor(cloud, new_instance):
-    inst = boot_and_train(new_instance)
+    from agent.demo.environment import CHECKPOINT_PREFIX
+
+    inst = boot_and_train(new_instance, s3_checkpoints=True)
     with create_snapshot_answers_late(3.0):  # the kill lands with the filesystem frozen
         inst.imds.control("spot", {"action": "terminate", "in": 40})
         inst.wait_drain_step("snapshot", "running", timeout=40)
@@ -204,6 +206,12 @@ def test_agent_killed_mid_drain_and_restarted_by_its_supervisor(cloud, new_insta
     assert rec["report"]["snapshots"]["ckpt"] == snaps[0]["SnapshotId"]
     assert len(completions(inst.instance_id)) == 1
     assert writable(inst.paths.volume_mount), "the checkpoint volume was left frozen"
+    # the upload came after the restart: one committed S3 checkpoint, holding the final one
+    [cid] = rec["report"]["checkpoint_ids"].values()
+    manifests = [k for k in cloud.s3_keys(CHECKPOINT_PREFIX) if "/manifests/" in k]
+    assert manifests == [f"{CHECKPOINT_PREFIX}manifests/{cid}.json"], manifests
+    final = f"ckpt-{inst.final_step():08d}.bin"
+    assert any(k.endswith(final) for k in cloud.s3_keys(CHECKPOINT_PREFIX))
     assert second.alive()
     assert "resuming" in second.log()
 
