@@ -444,6 +444,9 @@ class Drainer:
                      interrupted: bool) -> Tuple[str, str]:
         deadline = self.clock.time() + budget
         errors, notes = [], []
+        # The workload confirmed its checkpoint (hooks or process exited, marker written): take every
+        # file now, not only those past the settle time, or the checkpoint just written is left out.
+        settled = (rec.get("steps", {}).get(WAIT) or {}).get("state") == "ok"
         for i, store in enumerate(self.stores):
             name = self._store_name(i, store)
             if name in rec["checkpoint_ids"]:
@@ -454,7 +457,7 @@ class Drainer:
                 errors.append(f"{name}: another upload of this checkpoint was still running")
                 continue
             try:
-                result = store.upload(deadline=deadline, reason=f"drain:{event.kind}")
+                result = store.upload(deadline=deadline, reason=f"drain:{event.kind}", settled=settled)
             finally:
                 lock.release()
             if getattr(result, "committed", False):

@@ -31,6 +31,7 @@ from agent.state import StateStore
 from agent.transfer import checksums
 from agent.transfer.bandwidth import Limiter
 from agent.transfer.download import Downloader, FileOutcome
+from agent.transfer.fastget import FastGetter
 from agent.transfer.keys import TEMP_PREFIX, key_to_relpath, split_s3_url
 from agent.transfer.planner import Download
 from agent.transfer.scheduler import BoundedExecutor
@@ -187,12 +188,15 @@ class CheckpointStore:
         return None
 
     # -- upload + commit --------------------------------------------------------------------------
-    def upload(self, deadline: Optional[float] = None, reason: str = "") -> CommitResult:
+    def upload(self, deadline: Optional[float] = None, reason: str = "", settled: bool = False) -> CommitResult:
+        """Upload what is complete and commit it. ``settled``: the workload has confirmed its checkpoint
+        is written (the drain's wait step ended on its signal), so every file counts as complete at
+        once; otherwise the settle time or marker decides, as for the periodic uploads."""
         from agent import metrics
 
         with self._lock:
             t0 = time.monotonic()
-            res = self._upload(deadline, reason)
+            res = self._upload(deadline, reason, settled)
             res.seconds = time.monotonic() - t0
         metrics.CHECKPOINT_UPLOAD_BYTES.labels(checkpoint=self.name).inc(res.bytes)
         if res.committed:
@@ -201,7 +205,7 @@ class CheckpointStore:
             metrics.CHECKPOINT_FAILURES.labels(checkpoint=self.name).inc()
         return res
 
-    def _upload(self, deadline: Optional[float], reason: str) -> CommitResult:
+    def _upload(self, deadline: Optional[float], reason: str, settled: bool = False) -> CommitResult:
         if not os.path.isdir(self.ck.dir):
             return CommitResult(False, error=f"checkpoint dir {self.ck.dir} does not exist")
         try:
@@ -209,7 +213,10 @@ class CheckpointStore:
         except ValueError as exc:
             return CommitResult(False, error=str(exc))
         now = time.time()
-        files, incomplete = complete_files(self.ck.dir, scan(self.ck.dir), self.ck.settle, self.ck.marker, now)
+        if settled:
+            files, incomplete = complete_files(self.ck.dir, scan(self.ck.dir), 0.0, "", now + 1.0)
+        else:
+            files, incomplete = complete_files(self.ck.dir, scan(self.ck.dir), self.ck.settle, self.ck.marker, now)
         if not files:
             return CommitResult(False, error="nothing complete to upload" + (f" ({len(incomplete)} files still being written)" if incomplete else ""),
                                 incomplete=incomplete)
@@ -343,7 +350,8 @@ class CheckpointStore:
         os.makedirs(self.ck.dir, exist_ok=True)
         stop = threading.Event()
         dl = Downloader(self.s3, self.bucket, self.ck.dir, Limiter(self.transfer.max_bandwidth, stop=stop),
-                        self.transfer.part_size, self.transfer.multipart_threshold, stop=stop)
+                        self.transfer.part_size, self.transfer.multipart_threshold, stop=stop,
+                        fast=FastGetter.create(self.s3, self.transfer.concurrency + 4) if self.transfer.engine == "auto" else None)
         pool = BoundedExecutor(self.transfer.concurrency, self.transfer.concurrency * 2, "restore")
 
         def handle(out: Any) -> None:

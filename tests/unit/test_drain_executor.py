@@ -103,8 +103,8 @@ class FakeStore:
         self.ok = ok
         self.calls: List[Dict[str, Any]] = []
 
-    def upload(self, deadline=None, reason=""):
-        self.calls.append({"deadline": deadline, "reason": reason})
+    def upload(self, deadline=None, reason="", settled=False):
+        self.calls.append({"deadline": deadline, "reason": reason, "settled": settled})
         if self.ok:
             return Commit(True, f"ck-{len(self.calls)}", 3, 1000)
         return Commit(False, error="S3 said no")
@@ -155,6 +155,7 @@ def test_a_drain_records_every_step_and_runs_once(parts):
     assert report.snapshots == {"ckpt": "snap-0000"}
     assert report.checkpoint_ids == {"s3://b/ckpt/": "ck-1"}
     assert store.calls[0]["reason"] == "drain:spot-interruption" and store.calls[0]["deadline"] > 0
+    assert store.calls[0]["settled"] is False  # nothing confirmed the checkpoint: settle rules apply
     asg = parts[1].autoscaling
     assert [c["LifecycleActionResult"] for c in asg.completed] == ["CONTINUE"]
     rec = parts[2].get("drain")["run"]
