@@ -22,9 +22,23 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def story(local_aws, tmp_path_factory):
     from agent.demo.story import StoryOptions, run_story
 
+    import boto3
+
+    from agent.demo.environment import BUCKET
+    from agent.sim.localaws import lifecycle_calls
+
     local_aws.reset()
     workdir = str(tmp_path_factory.mktemp("demo-story"))
     result = run_story(StoryOptions(workdir=workdir, keep=True, block_devices=True, aws=local_aws))
+    # what the cloud holds now, before a later test resets the shared moto
+    ec2 = boto3.client("ec2", endpoint_url=local_aws.url, region_name="us-east-1")
+    s3 = boto3.client("s3", endpoint_url=local_aws.url, region_name="us-east-1")
+    result["cloud"] = {
+        "snapshots": ec2.describe_snapshots(OwnerIds=["self"])["Snapshots"],
+        "s3_keys": [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+                    for o in page.get("Contents", [])],
+        "lifecycle_calls": lifecycle_calls(),
+    }
     try:
         yield result
     finally:
@@ -64,13 +78,9 @@ def test_checkpoint_sha256_matches_after_restore(story):
     assert {k: restored.get(k) for k in saved} == saved
 
 
-def test_exactly_one_snapshot_per_drain(story, local_aws):
-    from agent.aws import make_clients
-    from agent.config import AWSSection
-
-    ec2 = make_clients(AWSSection(endpoint_url=local_aws.url), "us-east-1").ec2
+def test_exactly_one_snapshot_per_drain(story):
     by_kind = {}
-    for snap in ec2.describe_snapshots(OwnerIds=["self"])["Snapshots"]:
+    for snap in story["cloud"]["snapshots"]:
         tags = {t["Key"]: t["Value"] for t in snap.get("Tags", [])}
         by_kind.setdefault(tags.get("spot-agent:notice-kind"), []).append(snap["SnapshotId"])
     assert len(by_kind.get("spot-interruption", [])) == 1, by_kind
@@ -80,10 +90,9 @@ def test_exactly_one_snapshot_per_drain(story, local_aws):
 
 
 def test_lifecycle_action_completed_once(story):
-    from agent.sim.localaws import lifecycle_calls
-
     first = story["instances"][0]["instance_id"]
-    calls = [c for c in lifecycle_calls("CompleteLifecycleAction") if c["instance_id"] == first]
+    calls = [c for c in story["cloud"]["lifecycle_calls"]
+             if c["call"] == "CompleteLifecycleAction" and c["instance_id"] == first]
     assert len(calls) == 1, calls
     assert calls[0]["result"] == "CONTINUE"
     assert calls[0]["group"] == "demo-train-asg" and calls[0]["hook"] == "drain-before-terminate"
@@ -201,16 +210,14 @@ def test_a_failed_story_reports_why_and_still_releases_everything(local_aws):
     assert not os.path.exists(workdir)
 
 
-def test_s3_checkpoint_committed_by_the_drain_and_restored_on_the_replacement(story, local_aws):
-    import boto3
-
-    from agent.demo.environment import BUCKET, CHECKPOINT_PREFIX
+def test_s3_checkpoint_committed_by_the_drain_and_restored_on_the_replacement(story):
+    from agent.demo.environment import CHECKPOINT_PREFIX
 
     assert story["s3_checkpoints"] is True
     [cid] = story["drain"]["checkpoint_ids"].values()
     assert story["summary"]["restored_s3_checkpoint"] == cid
-    s3 = boto3.client("s3", endpoint_url=local_aws.url, region_name="us-east-1")
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=CHECKPOINT_PREFIX).get("Contents", [])]
+    keys = [k for k in story["cloud"]["s3_keys"] if k.startswith(CHECKPOINT_PREFIX)]
+    assert f"{CHECKPOINT_PREFIX}manifests/{cid}.json" in keys, keys
     final = f"ckpt-{story['drain']['final_step']:08d}.bin"
     assert any(cid in k for k in keys), keys
     assert any(k.endswith(final) for k in keys), f"the final checkpoint {final} is not in S3: {keys}"
