@@ -27,12 +27,17 @@ from agent.demo.timeline import TEXT_HEADER, Timeline, format_mark
 _PROGRESS = re.compile(r": \d+% of ")
 
 
-def s3_checkpoints_available() -> bool:
+def s3_checkpoints_unavailable() -> str:
+    """Why this build cannot use S3 checkpoints ("" when it can)."""
     try:
         import agent.transfer.checkpoints  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    except ImportError as exc:
+        return f"agent.transfer.checkpoints cannot be imported: {exc}"
+    return ""
+
+
+def s3_checkpoints_available() -> bool:
+    return not s3_checkpoints_unavailable()
 
 
 @dataclass
@@ -196,6 +201,9 @@ class Story:
         env = self.env.start()
         self.result["workdir"] = env.workdir
         self.result["simulated"] = env.simulated(self.s3_checkpoints)
+        why_not = s3_checkpoints_unavailable() if self.settings.s3_checkpoints is None else ""
+        if why_not:
+            self.result["simulated"].append(f"S3 checkpoints: OFF in this demo ({why_not})")
         self.result["block_devices"] = bool(env.block_devices)
         self.result["s3_checkpoints"] = self.s3_checkpoints
         self.options.progress("what is simulated:")
