@@ -72,8 +72,8 @@ def run(args: Any) -> int:
     from agent.demo.story import StoryOptions, run_story
 
     problem = _timeline_target(args.timeline)
-    if not problem and args.notice_window < 20:
-        problem = f"--notice-window {args.notice_window:g}: needs at least 20 s for the drain reserves"
+    if not problem and args.notice_window < 25:
+        problem = f"--notice-window {args.notice_window:g}: needs at least 25 s (15 s of drain reserves and margin, and time for the trainer to checkpoint)"
     if problem:
         print(f"spot-agent demo: {problem}", file=sys.stderr)
         return EXIT_USAGE
