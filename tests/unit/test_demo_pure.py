@@ -122,3 +122,21 @@ def test_timeline_option_is_checked_before_running(tmp_path):
     assert _timeline_target(str(tmp_path / "t.svg")) == ""
     assert "must end in .svg or .png" in _timeline_target(str(tmp_path / "t.pdf"))
     assert "does not exist" in _timeline_target(str(tmp_path / "nope" / "t.svg"))
+
+
+def test_dataset_content_is_deterministic_and_tree_hashes_skip_hidden_and_lost_found(tmp_path):
+    import hashlib
+
+    from agent.demo.environment import dataset_bytes, tree_hashes
+
+    a = dataset_bytes("train/x.bin", 100_000)
+    assert len(a) == 100_000 and a == dataset_bytes("train/x.bin", 100_000) and a != dataset_bytes("train/y.bin", 100_000)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "ckpt-00000010.json").write_bytes(b"{}")
+    (tmp_path / "lost+found").mkdir()
+    (tmp_path / "lost+found" / "x").write_bytes(b"x")
+    (tmp_path / ".spot-agent-sync").mkdir()
+    (tmp_path / ".spot-agent-sync" / "m").write_bytes(b"m")
+    (tmp_path / ".probe").write_bytes(b"p")
+    assert tree_hashes(str(tmp_path)) == {"run/ckpt-00000010.json": hashlib.sha256(b"{}").hexdigest()}
+    assert tree_hashes(str(tmp_path / "missing")) == {}
