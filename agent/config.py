@@ -218,6 +218,7 @@ class TransferSection:
     multipart_threshold: int = field(default=16 * 1024 * 1024, metadata={"min": 5 * 1024 * 1024})
     max_bandwidth: int = field(default=0, metadata={"min": 0, "doc": "bytes per second; 0 = unlimited"})
     checksum: str = field(default="sha256", metadata={"choices": ["sha256", "crc32", "crc32c"], "doc": "checksum S3 verifies on upload"})
+    engine: str = field(default="auto", metadata={"choices": ["auto", "botocore"], "doc": "GET path: auto = presigned GETs over urllib3 (less CPU), botocore = get_object"})
 
 
 @dataclass

@@ -28,6 +28,8 @@ def register(sub: Any) -> None:
     p.add_argument("--concurrency", type=int, default=None, help="parallel requests (default 16)")
     p.add_argument("--max-bandwidth", default="0", metavar="RATE", help="bytes/s cap, e.g. 50M; 0 = unlimited")
     p.add_argument("--part-size", default="", metavar="SIZE", help="ranged-GET size for large objects (default 8M)")
+    p.add_argument("--engine", choices=["auto", "botocore"], default="auto",
+                   help="GET path: auto = presigned GETs over urllib3 (less CPU); botocore = get_object")
     p.add_argument("--state-dir", default="", help="where the manifest lives (default DIR/.spot-agent-sync)")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a TTY")
@@ -56,6 +58,7 @@ def run(args: Any) -> int:
             print(f"spot-agent sync: --concurrency must be 1..256, got {args.concurrency}", file=sys.stderr)
             return EXIT_USAGE
         transfer.concurrency = args.concurrency
+    transfer.engine = args.engine
     dest = os.path.abspath(args.dest)
     ds = DatasetSection(source=args.source, dest=dest, include=args.include, exclude=args.exclude, delete=args.delete)
     state_dir = os.path.abspath(args.state_dir) if args.state_dir else os.path.join(dest, ".spot-agent-sync")

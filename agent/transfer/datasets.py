@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, List, Optional
 from agent.config import DatasetSection, TransferSection
 from agent.transfer.bandwidth import Limiter
 from agent.transfer.download import Downloader, FileOutcome
+from agent.transfer.fastget import FastGetter
 from agent.transfer.keys import STATE_DIR_NAME, TEMP_PREFIX, KeyFilter, split_s3_url
 from agent.transfer.manifest import LocalManifest, manifest_path
 from agent.transfer.planner import Download, Filtered, LocalStat, RemoteObject, Refuse, Skip, Stale, plan
@@ -249,7 +250,8 @@ def _run(s3: Any, ds: DatasetSection, transfer: TransferSection, bucket: str, pr
             done_bytes[0] += n
 
     limiter = Limiter(transfer.max_bandwidth, stop=stop)
-    dl = Downloader(s3, bucket, dest, limiter, transfer.part_size, transfer.multipart_threshold, stop=stop, on_bytes=on_bytes)
+    fast = FastGetter.create(s3, transfer.concurrency + 4) if transfer.engine == "auto" else None
+    dl = Downloader(s3, bucket, dest, limiter, transfer.part_size, transfer.multipart_threshold, stop=stop, on_bytes=on_bytes, fast=fast)
     pool = BoundedExecutor(transfer.concurrency, transfer.concurrency * 2, "dataset")
     meter = RateMeter()
     files_done = [result.skipped]

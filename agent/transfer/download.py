@@ -111,8 +111,9 @@ class _Job:
 class Downloader:
     def __init__(self, s3: Any, bucket: str, dest: str, limiter: Limiter, part_size: int, threshold: int,
                  attempts: int = 6, stop: Optional[threading.Event] = None,
-                 on_bytes: Optional[Callable[[int], None]] = None) -> None:
+                 on_bytes: Optional[Callable[[int], None]] = None, fast: Any = None) -> None:
         self.s3 = s3
+        self.fast = fast  # a FastGetter, or None for plain get_object
         self.bucket = bucket
         self.dest = os.path.abspath(dest)
         self.limiter = limiter
@@ -317,17 +318,21 @@ class Downloader:
             if job.error:
                 return
             try:
-                kwargs = {"Bucket": self.bucket, "Key": item.key}
-                if item.etag:
-                    kwargs["IfMatch"] = item.etag
-                if ranged or pos[0] > start:
-                    kwargs["Range"] = f"bytes={pos[0]}-{end}"
-                if item.size == 0:
-                    kwargs.pop("Range", None)
-                resp = self.s3.get_object(**kwargs)
-                if resp.get("ServerSideEncryption") in ("aws:kms", "aws:kms:dsse") or resp.get("SSECustomerAlgorithm"):
+                rng = f"bytes={pos[0]}-{end}" if (ranged or pos[0] > start) and item.size > 0 else ""
+                if self.fast is not None:
+                    meta, body = self.fast.get(self.bucket, item.key, rng, item.etag)
+                    sse, ssec = meta["sse"], meta["ssec"]
+                else:
+                    kwargs = {"Bucket": self.bucket, "Key": item.key}
+                    if item.etag:
+                        kwargs["IfMatch"] = item.etag
+                    if rng:
+                        kwargs["Range"] = rng
+                    resp = self.s3.get_object(**kwargs)
+                    sse, ssec = resp.get("ServerSideEncryption", ""), resp.get("SSECustomerAlgorithm", "")
+                    body = resp["Body"]
+                if sse in ("aws:kms", "aws:kms:dsse") or ssec:
                     job.verify_md5 = False  # the ETag is not an MD5 of the content
-                body = resp["Body"]
                 try:
                     self._copy(job, body, pos, end, hasher)
                 finally:
