@@ -194,8 +194,8 @@ class VolumeSection:
 class DatasetSection:
     source: str = field(metadata={"check": _s3_url})
     dest: str = field(metadata={"check": _absolute})
-    include: List[str] = field(default_factory=list)
-    exclude: List[str] = field(default_factory=list)
+    include: List[str] = field(default_factory=list, metadata={"doc": "only keys whose relative path (or base name) matches one of these globs"})
+    exclude: List[str] = field(default_factory=list, metadata={"doc": "skip keys matching these globs (exclude wins)"})
     delete: bool = field(default=False, metadata={"doc": "remove local files that are not in S3"})
     background: bool = field(default=False, metadata={"doc": "true: don't hold READY for this dataset"})
 
