@@ -42,10 +42,21 @@ def free_port() -> int:
     return port
 
 
+S3RVER = "/work/bench-venvs/s3rver/node_modules/.bin/s3rver"
+SERVER = {"kind": "moto", "key": "bench"}
+
+
 def start_moto() -> Tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([os.path.join(ROOT, ".venv", "bin", "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if SERVER["kind"] == "s3rver":
+        data = tempfile.mkdtemp(prefix="s3rver-", dir="/tmp")
+        SERVER["data"] = data
+        argv = [S3RVER, "-d", data, "-a", "127.0.0.1", "-p", str(port), "--silent"]
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env=dict(os.environ, NODE_OPTIONS="--openssl-legacy-provider"))
+    else:
+        proc = subprocess.Popen([os.path.join(ROOT, ".venv", "bin", "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(100):
         try:
@@ -57,7 +68,7 @@ def start_moto() -> Tuple[subprocess.Popen, str]:
 
 
 def env() -> Dict[str, str]:
-    e = dict(os.environ, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+    e = dict(os.environ, AWS_ACCESS_KEY_ID=SERVER["key"], AWS_SECRET_ACCESS_KEY=SERVER["key"], AWS_DEFAULT_REGION="us-east-1",
              AWS_EC2_METADATA_DISABLED="true", PYTHONPATH=ROOT)
     e.pop("AWS_CA_BUNDLE", None)  # rclone refuses an empty/odd bundle; nothing here uses TLS
     return e
@@ -67,7 +78,7 @@ def s3(url: str):
     import boto3
     from botocore.config import Config
 
-    return boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="bench", aws_secret_access_key="bench",
+    return boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id=SERVER["key"], aws_secret_access_key=SERVER["key"],
                         config=Config(max_pool_connections=32, s3={"addressing_style": "path"}))
 
 
@@ -82,10 +93,21 @@ def populate(url: str, prefix: str, files: Dict[str, int]) -> None:
         list(ex.map(put, files.items()))
 
 
+TIMEOUT = {"seconds": 600.0}
+
+
 def timed(argv: List[str], cwd: str = ROOT) -> Tuple[float, float, int, str]:
+    """Wall and user+sys CPU of one client run. A client still running after the timeout is killed
+    (s5cmd sometimes never exits against moto after writing every file); its row says so."""
+    import signal
+    import threading
+
     t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, env=env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(argv, env=env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    timer = threading.Timer(TIMEOUT["seconds"], lambda: os.killpg(proc.pid, signal.SIGKILL))
+    timer.start()
     _, status, ru = os.wait4(proc.pid, 0)
+    timer.cancel()
     wall = time.perf_counter() - t0
     out = (proc.stdout.read() + proc.stderr.read()).decode(errors="replace") if proc.stdout and proc.stderr else ""
     code = os.waitstatus_to_exitcode(status)
@@ -94,8 +116,8 @@ def timed(argv: List[str], cwd: str = ROOT) -> Tuple[float, float, int, str]:
 
 def rclone_env_argv(url: str) -> List[str]:
     return ["env", "-u", "AWS_CA_BUNDLE", "RCLONE_CONFIG_MOTO_TYPE=s3", "RCLONE_CONFIG_MOTO_PROVIDER=Other",
-            f"RCLONE_CONFIG_MOTO_ENDPOINT={url}", "RCLONE_CONFIG_MOTO_ACCESS_KEY_ID=bench",
-            "RCLONE_CONFIG_MOTO_SECRET_ACCESS_KEY=bench", "RCLONE_CONFIG_MOTO_REGION=us-east-1"]
+            f"RCLONE_CONFIG_MOTO_ENDPOINT={url}", f"RCLONE_CONFIG_MOTO_ACCESS_KEY_ID={SERVER['key']}",
+            f"RCLONE_CONFIG_MOTO_SECRET_ACCESS_KEY={SERVER['key']}", "RCLONE_CONFIG_MOTO_REGION=us-east-1"]
 
 
 def download_cmds(url: str, prefix: str, dest: str) -> Dict[str, List[str]]:
@@ -196,6 +218,8 @@ def peers(args: argparse.Namespace) -> None:
         proc.terminate()
         proc.wait()
         shutil.rmtree(work, ignore_errors=True)
+        if SERVER.get("data"):
+            shutil.rmtree(SERVER["data"], ignore_errors=True)
     summary(rows)
 
 
@@ -234,16 +258,16 @@ tm.shutdown()
 """
 
 ENGINE_CRT = r"""
-import os, sys, boto3, awscrt
+import os, sys, boto3
 from botocore.config import Config
-from s3transfer.crt import CRTTransferManager, BotocoreCRTRequestSerializer, create_s3_crt_client
 from botocore.session import get_session
+from s3transfer.crt import CRTTransferManager, BotocoreCRTRequestSerializer, BotocoreCRTCredentialsWrapper, create_s3_crt_client
 url, prefix, dest = sys.argv[1:4]
 sess = get_session()
 c = boto3.client('s3', endpoint_url=url, config=Config(s3={'addressing_style': 'path'}))
 keys = [o['Key'] for p in c.get_paginator('list_objects_v2').paginate(Bucket='bench', Prefix=prefix) for o in p.get('Contents', [])]
-from botocore.credentials import Credentials
-crt = create_s3_crt_client('us-east-1', botocore_credential_provider=None, num_threads=2, target_throughput=10 * 1e9 / 8)
+creds = BotocoreCRTCredentialsWrapper(sess.get_credentials()).to_crt_credentials_provider()
+crt = create_s3_crt_client('us-east-1', crt_credentials_provider=creds, use_ssl=False, target_throughput=10 * 1e9 / 8)
 ser = BotocoreCRTRequestSerializer(sess, {'endpoint_url': url, 'config': Config(s3={'addressing_style': 'path'}), 'region_name': 'us-east-1'})
 tm = CRTTransferManager(crt, ser)
 futs = []
@@ -287,6 +311,8 @@ def engines(args: argparse.Namespace) -> None:
         proc.terminate()
         proc.wait()
         shutil.rmtree(work, ignore_errors=True)
+        if SERVER.get("data"):
+            shutil.rmtree(SERVER["data"], ignore_errors=True)
 
 
 def planner(args: argparse.Namespace) -> None:
@@ -313,7 +339,11 @@ def main() -> None:
     p.add_argument("--keys", type=int, default=1_000_000)
     p.add_argument("--workdir", default="/tmp")
     p.add_argument("--planner-dir", default="")
+    p.add_argument("--server", choices=["moto", "s3rver"], default="moto")
+    p.add_argument("--timeout", type=float, default=600.0, help="kill a client still running after this many seconds")
     args = p.parse_args()
+    TIMEOUT["seconds"] = args.timeout
+    SERVER.update(kind=args.server, key="S3RVER" if args.server == "s3rver" else "bench")
     {"peers": peers, "engines": engines, "planner": planner}[args.what](args)
 
 

@@ -277,23 +277,21 @@ class CheckpointStore:
             left = deadline - time.time() - MANIFEST_RESERVE
             return left <= 0 or (r > 0 and remaining / r > left)
 
-        remaining = need
         try:
             for f in todo:
                 if errors:
                     break
-                if too_late(remaining - 0):
-                    errors.append(f"deadline: stopped with {remaining} bytes not uploaded; nothing committed")
+                if too_late(need - done[0]):
+                    errors.append(f"deadline: stopped with {need - done[0]} bytes not uploaded; nothing committed")
                     break
                 job = up.plan(f, self.data_key(cid, f.path))
                 for i in range(len(job.ranges)):
                     while not pool.submit(up.run_part, job, i, timeout=0.1):
                         for out in pool.drain():
                             handle(out)
-                        if too_late(remaining - done[0] + (need - remaining)) and not errors:
+                        if too_late(need - done[0]) and not errors:
                             errors.append(f"deadline: stopped with {need - done[0]} bytes not uploaded; nothing committed")
                             stop.set()
-                remaining -= f.size
                 for out in pool.drain():
                     handle(out)
             while not pool.idle():

@@ -175,6 +175,7 @@ def _run(s3: Any, ds: DatasetSection, transfer: TransferSection, bucket: str, pr
     stale: list = []
     remote_paths: List[str] = []
     need = 0
+    large = 0
     files_total = 0
     bytes_total = 0
     skipped_bytes = 0
@@ -188,6 +189,8 @@ def _run(s3: Any, ds: DatasetSection, transfer: TransferSection, bucket: str, pr
                 files_total += 1
                 bytes_total += act.size
                 need += act.size
+                if act.size >= transfer.multipart_threshold and act.size > transfer.part_size:
+                    large += 1
                 if ds.delete:
                     remote_paths.append(act.path)
                 if len(downloads) >= 1000:
@@ -252,6 +255,7 @@ def _run(s3: Any, ds: DatasetSection, transfer: TransferSection, bucket: str, pr
     limiter = Limiter(transfer.max_bandwidth, stop=stop)
     fast = FastGetter.create(s3, transfer.concurrency + 4) if transfer.engine == "auto" else None
     dl = Downloader(s3, bucket, dest, limiter, transfer.part_size, transfer.multipart_threshold, stop=stop, on_bytes=on_bytes, fast=fast)
+    dl.concurrency, dl.large_files = transfer.concurrency, large
     pool = BoundedExecutor(transfer.concurrency, transfer.concurrency * 2, "dataset")
     meter = RateMeter()
     files_done = [result.skipped]

@@ -58,6 +58,21 @@ class FileOutcome:
     fatal: bool = False  # the destination is full: stop starting new files
 
 
+MAX_RANGE = 64 * 1024 * 1024
+
+
+def range_size(size: int, part_size: int, concurrency: int, large_files: int, cap: int = MAX_RANGE) -> int:
+    """Bytes per ranged GET: all large files together should use about ``concurrency`` streams.
+
+    More ranges than streams only add requests (each a first-byte latency on S3, and on some local
+    S3 servers a full copy of the object per range); fewer leave connections idle. Never below
+    ``part_size``; at most ``cap`` (64 MiB) so one slow or broken range costs little to redo.
+    """
+    streams = max(1, concurrency // max(1, min(large_files, concurrency)))
+    want = -(-size // streams)
+    return max(part_size, min(want, max(cap, part_size)))
+
+
 def temp_name(path: str) -> str:
     base = path.rsplit("/", 1)[-1]
     return TEMP_PREFIX + hashlib.sha1(base.encode("utf-8", "surrogatepass")).hexdigest()[:20]
@@ -125,6 +140,8 @@ class Downloader:
         self._dirs_ok: set = set()
         self._dirs_lock = threading.Lock()
         self.retries = 0
+        self.concurrency = 16  # set by the coordinator, with large_files, to size the ranges
+        self.large_files = 1
 
     # -- planning a file into chunk tasks -------------------------------------------------------
     def job(self, item: Download, part_size: int = 0, expect: Optional[List[str]] = None, algorithm: str = "sha256") -> _Job:
@@ -137,7 +154,8 @@ class Downloader:
             return _Job(item, chunks, expect, algorithm)
         if item.size < self.threshold or item.size <= self.part_size:
             return _Job(item, [(0, item.size - 1)])
-        chunks = [(s, min(s + self.part_size, item.size) - 1) for s in range(0, item.size, self.part_size)]
+        step = range_size(item.size, self.part_size, self.concurrency, self.large_files)
+        chunks = [(s, min(s + step, item.size) - 1) for s in range(0, item.size, step)]
         return _Job(item, chunks)
 
     def run_chunk(self, job: _Job, index: int) -> Optional[FileOutcome]:

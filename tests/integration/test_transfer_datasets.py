@@ -305,3 +305,15 @@ def test_cli_json_summary_and_usage_errors(bucket, aws, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "agent", "sync", f"s3://{BUCKET}/ds", str(tmp_path / "d"), "--max-bandwidth", "fast"],
                          env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "fast" in bad.stderr
+
+
+@pytest.mark.parametrize("kind", ["slowdown", "reset", "short"])
+def test_botocore_engine_survives_the_same_faults(bucket, proxy, tmp_path, kind):
+    want = put_tree(bucket, BUCKET, "ds/", corpus(n=6))
+    proxy.set_faults([Fault(kind, method="GET", path_contains="/ds/d", nth={1, 3}),
+                      Fault(kind, method="GET", path_contains="big0.tar", nth={2})])
+    ds = DatasetSection(source=f"s3://{BUCKET}/ds/", dest=str(tmp_path / "dest"))
+    r = sync_dataset(client(proxy.url), ds, small_transfer(engine="botocore"), str(tmp_path / "st"))
+    assert r.ok, r.error_messages
+    assert tree_hashes(str(tmp_path / "dest")) == want and no_temp_files(str(tmp_path / "dest"))
+    assert len([q for q in proxy.requests if q.fault == kind]) == 3

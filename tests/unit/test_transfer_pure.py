@@ -60,3 +60,14 @@ def test_retry_classification_and_backoff():
     assert not client_error_retryable("AccessDenied", 403) and not client_error_retryable("NoSuchKey", 404)
     r = random.Random(1)
     assert all(0 <= backoff(a, rnd=r) <= min(5.0, 0.1 * 2 ** a) for a in range(10))
+
+
+def test_range_size_spreads_concurrency_over_the_large_files():
+    from agent.transfer.download import range_size
+
+    MiB = 1024 * 1024
+    assert range_size(256 * MiB, 8 * MiB, 16, 1) == 16 * MiB  # one file: 16 streams
+    assert range_size(256 * MiB, 8 * MiB, 16, 4) == 64 * MiB  # four files: 4 streams each
+    assert range_size(4096 * MiB, 8 * MiB, 16, 100) == 64 * MiB  # capped
+    assert range_size(20 * MiB, 8 * MiB, 16, 1) == 8 * MiB  # never below part_size
+    assert range_size(20 * MiB, 100 * MiB, 16, 1) == 100 * MiB
