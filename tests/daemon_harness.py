@@ -4,48 +4,28 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from typing import List, Optional
 
+from agent.demo.agent_process import NotifySocket as DemoNotifySocket
 
-class NotifySocket:
-    """Receives sd_notify datagrams like systemd does."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(path)
-        self.sock.settimeout(0.2)
-        self.messages: List[str] = []
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
+class NotifySocket(DemoNotifySocket):
+    """The demo's notify socket, plus waiting for a line: receives sd_notify datagrams like systemd."""
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(65536)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            self.messages.extend(data.decode().split("\n"))
+    @property
+    def lines(self) -> List[str]:
+        return [line for _, line in self.snapshot()]
 
     def wait_for(self, line: str, timeout: float = 10.0) -> bool:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            if any(m == line or m.startswith(line) for m in self.messages):
+            if any(m == line or m.startswith(line) for m in self.lines):
                 return True
             time.sleep(0.05)
         return False
-
-    def close(self) -> None:
-        self._stop.set()
-        self.sock.close()
 
 
 class AgentProcess:

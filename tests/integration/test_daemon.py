@@ -150,7 +150,7 @@ def test_imds_disabled_at_start_is_reported_and_shutdown_still_works(agent, imds
     imds_sim.control("fault", {"kind": "403"})
     a = agent()
     a.wait_ready()
-    assert "IMDS DISABLED" in " ".join(a.notify.messages)
+    assert "IMDS DISABLED" in " ".join(a.notify.lines)
     status = wait_file(str(tmp_path / "state" / "status.json"), contains='"disabled": true')
     assert '"ready": true' in status
     a.signal(signal.SIGTERM)
