@@ -23,7 +23,8 @@ def register(sub):
     p.add_argument("--kind", default=MANUAL, choices=list(EVENT_KINDS), help="the event to plan for (default manual)")
     p.add_argument("--action", default="", help="the notice action: terminate, stop or hibernate (spot notices)")
     p.add_argument("--deadline-in", type=float, default=None, metavar="SECONDS",
-                   help="the instance goes in SECONDS (default: the shutdown budget)")
+                   help="the instance goes in SECONDS (default: 120 for a spot notice, as AWS gives; "
+                        "otherwise the shutdown budget)")
     p.add_argument("--json", action="store_true", help="print the report (or plan) as JSON")
     p.add_argument("--force", action="store_true", help="drain even though the daemon answers on its socket")
     p.set_defaults(func=run)
@@ -33,7 +34,10 @@ def _event(args, now: float):
     from agent.events import Event
 
     action = args.action or ("terminate" if args.kind == "spot-interruption" else "")
-    deadline = None if args.deadline_in is None else now + args.deadline_in
+    deadline_in = args.deadline_in
+    if deadline_in is None and args.kind == "spot-interruption":
+        deadline_in = 120.0  # the two-minute notice
+    deadline = None if deadline_in is None else now + deadline_in
     key = f"{args.kind}:cli:{now:.3f}"
     return Event(args.kind, action, deadline, key, now, {"source": "spot-agent drain"})
 
