@@ -26,8 +26,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterable, List, Optional, Set
 from urllib.parse import unquote, urlsplit
 
-KINDS = ("slowdown", "reset", "truncate", "short", "delay")
+KINDS = ("slowdown", "reset", "truncate", "short", "delay", "redirect")
 
+REDIRECT_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>PermanentRedirect</Code>'
+                 b"<Message>The bucket you are attempting to access must be addressed using the specified endpoint.</Message></Error>")
 SLOWDOWN_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
                  b"<Message>Please reduce your request rate.</Message><RequestId>FAULTPROXY</RequestId></Error>")
 
@@ -39,7 +41,7 @@ class Fault:
     kinds: ``slowdown`` (503 SlowDown before any body), ``reset`` (RST after half the body),
     ``truncate`` (FIN after half the body, Content-Length promising all of it), ``short``
     (Content-Length and body both cut to half: a "valid" but wrong response), ``delay`` (sleep
-    ``seconds`` before answering).
+    ``seconds`` before answering), ``redirect`` (301 PermanentRedirect, as S3 answers a wrong region).
     """
 
     kind: str
@@ -133,13 +135,13 @@ class FaultProxy:
                 rec = Request(self.command, path, query, self.headers.get("Range", ""), fault.kind if fault else "")
                 with proxy.lock:
                     proxy.requests.append(rec)
-                if fault is not None and fault.kind == "slowdown":
-                    rec.status = 503
-                    self.send_response(503)
+                if fault is not None and fault.kind in ("slowdown", "redirect"):
+                    rec.status, payload = (503, SLOWDOWN_BODY) if fault.kind == "slowdown" else (301, REDIRECT_BODY)
+                    self.send_response(rec.status)
                     self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(SLOWDOWN_BODY)))
+                    self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
-                    self.wfile.write(SLOWDOWN_BODY)
+                    self.wfile.write(payload)
                     return
                 if fault is not None and fault.kind == "reset" and self.command in ("PUT", "POST"):
                     # An upload cut off mid-body: the server never sees a complete request.

@@ -337,8 +337,18 @@ class Downloader:
                 return
             try:
                 rng = f"bytes={pos[0]}-{end}" if (ranged or pos[0] > start) and item.size > 0 else ""
-                if self.fast is not None:
-                    meta, body = self.fast.get(self.bucket, item.key, rng, item.etag)
+                fast = self.fast
+                if fast is not None:
+                    try:
+                        meta, body = fast.get(self.bucket, item.key, rng, item.etag)
+                    except ClientError as exc:
+                        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                        if status in (301, 307, 400, 403):
+                            # A redirect or a signature/region complaint: let botocore (which follows
+                            # region redirects and knows every auth quirk) serve the rest of this run.
+                            self.fast = None
+                            continue
+                        raise
                     sse, ssec = meta["sse"], meta["ssec"]
                 else:
                     kwargs = {"Bucket": self.bucket, "Key": item.key}

@@ -35,12 +35,19 @@ class FastGetter:
             import urllib3
             from botocore.config import Config
 
+            if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")) or s3.meta.config.proxies:
+                return None  # botocore knows the proxy rules (NO_PROXY, per-scheme); keep its path
             creds = s3._request_signer._credentials  # shared object: refreshable role credentials keep refreshing
             if creds is None:
                 return None
             cfg = s3.meta.config.merge(Config(signature_version="s3v4"))
-            presigner = boto3.session.Session().client("s3", region_name=s3.meta.region_name, endpoint_url=s3.meta.endpoint_url,
-                                                       config=cfg, aws_access_key_id="x", aws_secret_access_key="x")
+            session = boto3.session.Session()
+            kw0: Dict[str, Any] = {"region_name": s3.meta.region_name, "config": cfg, "aws_access_key_id": "x", "aws_secret_access_key": "x"}
+            presigner = session.client("s3", **kw0)
+            if presigner.meta.endpoint_url != s3.meta.endpoint_url:
+                # A custom endpoint (a local S3, a VPC endpoint): keep it. For AWS's own endpoint leave it
+                # unset, so botocore's rules pick virtual-hosted addressing as they do for the original.
+                presigner = session.client("s3", endpoint_url=s3.meta.endpoint_url, **kw0)
             presigner._request_signer._credentials = creds
             ca = os.environ.get("AWS_CA_BUNDLE") or _default_ca()
             verify = s3._endpoint.http_session._verify if hasattr(s3, "_endpoint") else True

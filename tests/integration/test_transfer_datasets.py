@@ -317,3 +317,15 @@ def test_botocore_engine_survives_the_same_faults(bucket, proxy, tmp_path, kind)
     assert r.ok, r.error_messages
     assert tree_hashes(str(tmp_path / "dest")) == want and no_temp_files(str(tmp_path / "dest"))
     assert len([q for q in proxy.requests if q.fault == kind]) == 3
+
+
+def test_presigned_path_hands_over_to_botocore_on_a_redirect(bucket, proxy, tmp_path):
+    want = put_tree(bucket, BUCKET, "ds/", {f"f{i}": os.urandom(2000) for i in range(5)})
+    proxy.set_faults([Fault("redirect", method="GET", path_contains="/ds/f", nth={1})])
+    ds = DatasetSection(source=f"s3://{BUCKET}/ds/", dest=str(tmp_path / "dest"))
+    r = sync_dataset(client(proxy.url), ds, small_transfer(concurrency=1), str(tmp_path / "st"))
+    assert r.ok, r.error_messages
+    assert tree_hashes(str(tmp_path / "dest")) == want
+    gets = [q for q in proxy.requests if q.method == "GET" and q.path.startswith(f"/{BUCKET}/ds/f")]
+    assert gets[0].fault == "redirect" and "X-Amz-Signature" in gets[0].query
+    assert all("X-Amz-Signature" not in q.query for q in gets[1:])  # botocore's signed headers from then on
