@@ -22,7 +22,6 @@ import hashlib
 import os
 import stat as statmod
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Tuple
 
@@ -425,7 +424,3 @@ class Downloader:
 
 class _Truncated(Exception):
     pass
-
-
-def now() -> float:
-    return time.time()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -171,7 +170,3 @@ class Uploader:
                     raise
                 if self.stop.wait(backoff(attempt)):
                     raise UploadError("stopped") from None
-
-
-def now() -> float:
-    return time.time()
