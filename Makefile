@@ -4,9 +4,12 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-$(PY): pyproject.toml scripts/setup-test-env.sh
+# A marker, not the venv's python: `make demo` may have made a lighter .venv first.
+TEST_READY := $(VENV)/.test-ready
+
+$(TEST_READY): pyproject.toml scripts/setup-test-env.sh
 	bash scripts/setup-test-env.sh
-	touch $(PY)
+	touch $(TEST_READY)
 
 # The demo needs only the venv with moto (and, as root, mkfs/losetup): lighter than the test setup.
 DEMO_READY := $(VENV)/.demo-ready
@@ -19,12 +22,12 @@ demo: $(DEMO_READY)
 	$(PY) -m agent demo
 
 # The whole suite, as CI runs it: unit tests on Python 3.9 too, then everything on the default Python.
-test: $(PY)
+test: $(TEST_READY)
 	@if [ -x .venv39/bin/python ]; then .venv39/bin/python -m pytest -q -p no:cacheprovider tests/unit; \
 	 else echo "test: no Python 3.9 found for the 3.9 unit run" >&2; exit 1; fi
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
-unit: $(PY)
+unit: $(TEST_READY)
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit
 
 deb:
@@ -33,7 +36,7 @@ deb:
 rpm:
 	bash packaging/rpm/build.sh
 
-bench: $(PY)
+bench: $(TEST_READY)
 	$(PY) -m bench.all
 
 clean:
