@@ -407,6 +407,8 @@ class Daemon:
                 self.notifier.status(f"pre-warming {ds.dest}: {pct:.0f}% of {p.bytes_total / 1e6:.0f} MB{eta}")
 
         self.set_status(f"pre-warming {ds.source} -> {ds.dest}")
+        if not ds.background:
+            self.notifier.extend_timeout(60)  # READY waits for this sync; progress extends it further
         result = sync_dataset(ctx.clients.s3, ds, self.config.transfer, self.config.agent.state_dir,
                               progress=progress, stop=self._stop)
         entry["errors"] = result.errors
