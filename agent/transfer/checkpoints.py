@@ -26,6 +26,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+from botocore.exceptions import ClientError
+
+from agent import metrics
 from agent.config import CheckpointSection, TransferSection
 from agent.state import StateStore
 from agent.transfer import checksums
@@ -169,8 +172,6 @@ class CheckpointStore:
         return sorted(ids)
 
     def _read_manifest(self, cid: str) -> Optional[dict]:
-        from botocore.exceptions import ClientError
-
         try:
             body = self.s3.get_object(Bucket=self.bucket, Key=self.manifest_key(cid))["Body"].read()
             doc = json.loads(body)
@@ -192,8 +193,6 @@ class CheckpointStore:
         """Upload what is complete and commit it. ``settled``: the workload has confirmed its checkpoint
         is written (the drain's wait step ended on its signal), so every file counts as complete at
         once; otherwise the settle time or marker decides, as for the periodic uploads."""
-        from agent import metrics
-
         with self._lock:
             t0 = time.monotonic()
             res = self._upload(deadline, reason, settled)
