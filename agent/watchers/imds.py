@@ -103,12 +103,10 @@ class IMDSWatcher:
 
     # -- the schedule -------------------------------------------------------------------------
     def _loop(self) -> None:
-        fast = self.section.poll_interval
         slow = self.section.slow_poll_interval
         start = self.clock.monotonic()
         # Stagger the slow paths so requests do not bunch up.
         due = {SPOT: start, REBALANCE: start, SCHEDULED: start + slow / 3, LIFECYCLE: start + 2 * slow / 3}
-        interval = {SPOT: fast, REBALANCE: slow, SCHEDULED: slow, LIFECYCLE: slow}
         order = [SPOT, REBALANCE, SCHEDULED, LIFECYCLE]
         while not self._stop.is_set():
             now = self.clock.monotonic()
@@ -122,7 +120,9 @@ class IMDSWatcher:
                     for p in due:
                         due[p] = max(due[p], resume)
                     break
-                due[path] = max(due[path] + interval[path], self.clock.monotonic())
+                # Read the interval each time: `systemctl reload` may have changed it.
+                step = self.section.poll_interval if path == SPOT else self.section.slow_poll_interval
+                due[path] = max(due[path] + step, self.clock.monotonic())
             wait = min(due.values()) - self.clock.monotonic()
             if wait > 0 and self.clock.sleep(wait, self._stop):
                 break

@@ -176,3 +176,13 @@ def test_token_expiry_mid_run(imds_sim, watch):
     assert wait_for(events, SPOT_INTERRUPTION)
     assert imds_sim.state.requests_by_path["/latest/api/token"] == 2
     assert imds_sim.state.max_token_headers == 1
+
+
+def test_a_reloaded_interval_applies_at_once(imds_sim, watch):
+    w, events = watch(poll_interval=2.0, slow_poll_interval=5.0)
+    time.sleep(1.0)
+    before = imds_sim.state.requests_by_path.get("/latest/meta-data/spot/instance-action", 0)
+    w.section.poll_interval = 0.1  # what the daemon's reload does
+    time.sleep(2.5)
+    after = imds_sim.state.requests_by_path.get("/latest/meta-data/spot/instance-action", 0)
+    assert after - before >= 10
