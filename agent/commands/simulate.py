@@ -83,17 +83,15 @@ def build_request(args) -> Dict[str, Any]:
     kind = args.kind
     if kind == "spot":
         body: Dict[str, Any] = {"action": args.action, "moving_time": args.moving_time}
-        if args.time:
-            body["time"] = args.time
-        else:
+        if not args.time:
             body["in"] = 120 if args.in_seconds is None else args.in_seconds
-        if args.time:
-            from agent.imds.parse import BadAnswer, parse_iso_time
+            return body
+        from agent.imds.parse import BadAnswer, parse_iso_time
 
-            try:
-                body["time"] = parse_iso_time(args.time)
-            except BadAnswer as exc:
-                raise ValueError(f"--time: {exc.detail}") from None
+        try:
+            body["time"] = parse_iso_time(args.time)
+        except BadAnswer as exc:
+            raise ValueError(f"--time: {exc.detail}") from None
         return body
     if kind == "scheduled":
         return {"code": args.code, "state": args.state or "active", "event_id": args.event_id,

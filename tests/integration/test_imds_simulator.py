@@ -98,6 +98,8 @@ def test_trigger_cli_round_trip(imds_sim):
 
     assert main(["simulate", "trigger", "spot", "--action", "hibernate", "--in", "0", "--endpoint", imds_sim.url]) == 0
     assert imds_sim.state.spot["action"] == "hibernate"
+    assert main(["simulate", "trigger", "spot", "--time", "2030-01-02T03:04:05Z", "--endpoint", imds_sim.url]) == 0
+    assert imds_sim.state.spot["time"] == 1893553445.0
     assert main(["simulate", "trigger", "clear", "--what", "spot", "--endpoint", imds_sim.url]) == 0
     assert imds_sim.state.spot is None
     assert main(["simulate", "trigger", "fault", "--endpoint", imds_sim.url]) == 2
