@@ -368,10 +368,11 @@ class Daemon:
             self.set_status(f"restoring the newest checkpoint into {ck.dir}")
             self.notifier.extend_timeout(300)
             result = store.restore()
-            if getattr(result, "error", "") and getattr(result, "checkpoint_id", ""):  # a first boot has none yet
+            if result.error and result.checkpoint_id:  # no checkpoint_id: a first boot, nothing committed yet
                 raise RuntimeError(f"checkpoint restore into {ck.dir}: {result.error}")
-            self.last_checkpoint = {"dir": ck.dir, "s3": ck.s3, "checkpoint_id": getattr(result, "checkpoint_id", ""),
-                                    "committed_at": getattr(result, "committed_at", None)}
+            if result.checkpoint_id:
+                self.last_checkpoint = {"dir": ck.dir, "s3": ck.s3, "checkpoint_id": result.checkpoint_id,
+                                        "committed_at": None}
         if not cfg.datasets:
             return
         from agent.transfer.datasets import sync_dataset
@@ -429,7 +430,7 @@ class Daemon:
                 return
             try:
                 result = store.upload(reason="interval")
-                if getattr(result, "committed", False):
+                if result.committed:
                     self.last_checkpoint = {"dir": ck.dir, "s3": ck.s3, "checkpoint_id": result.checkpoint_id,
                                             "committed_at": self.clock.time()}
                     self.changed()
