@@ -266,6 +266,50 @@ class DrainSection:
     lifecycle: LifecycleSection = field(default_factory=LifecycleSection)
 
 
+_COMMIT_TEMPLATE = re.compile(r"^/[^{}]*(\{(job_id|node)\}[^{}]*)*$")
+
+
+@dataclass
+class SlurmSection:
+    enabled: bool = field(default=True, metadata={"doc": "act on Slurm when scontrol is present and knows this node (false: never)"})
+    node: str = field(default="", metadata={"check": lambda v: None if not v or re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", v) else f"not a Slurm node name: {v!r}",
+                                            "doc": "this node's Slurm name; empty: SLURMD_NODENAME or the short hostname"})
+    conf: str = field(default="", metadata={"check": _absolute, "doc": "slurm.conf for the Slurm commands (SLURM_CONF); empty: Slurm's default"})
+    bin_dir: str = field(default="", metadata={"check": _absolute, "doc": "directory of scontrol, squeue, scancel; empty: PATH"})
+    signal: str = field(default="USR1", metadata={"check": _signal_name, "doc": "signal sent to every job on this node, on all its nodes (scancel --signal --full)"})
+    requeue: bool = field(default=False, metadata={"doc": "scontrol requeue each signalled job after the checkpoint (false: the job requeues itself)"})
+    commit_file: str = field(default="", metadata={
+        "check": lambda v: None if not v or _COMMIT_TEMPLATE.match(v) else f"must be an absolute path with only {{job_id}} and {{node}} placeholders, got {v!r}",
+        "doc": "file each node of a job writes when its checkpoint is committed, e.g. /shared/ckpt/{job_id}/{node}.done; the wait step waits for all"})
+    command_timeout: float = field(default=5.0, metadata={"min": 0.1, "max": 60, "doc": "seconds per Slurm command"})
+    rebalance_drain: bool = field(default=False, metadata={"doc": "on a rebalance recommendation, drain this node in Slurm (no new jobs; running jobs untouched)"})
+    rebalance_resume_after: float = field(default=1800.0, metadata={"min": 0, "doc": "resume the node this long after a rebalance drain if no interruption followed; 0: never"})
+
+
+@dataclass
+class RaySection:
+    enabled: bool = field(default=False, metadata={"doc": "drain this Ray node (reason PREEMPTION, the seconds left) on a terminal notice"})
+    command: List[str] = field(default_factory=lambda: ["ray"], metadata={"doc": "argv of the ray CLI, e.g. [\"/opt/ray/bin/ray\"]"})
+    python: str = field(default="", metadata={"check": _absolute, "doc": "Python of the Ray install, for the node-id lookup; empty: python next to command[0]"})
+    address: str = field(default="", metadata={"check": lambda v: None if not v or _listen(v) is None else f"must be HOST:PORT of the GCS, got {v!r}",
+                                               "doc": "the cluster's GCS address HOST:PORT (required when enabled)"})
+    node_id: str = field(default="", metadata={"check": lambda v: None if not v or re.match(r"^[0-9a-f]{56}$", v) else f"not a Ray node id (56 hex digits): {v!r}",
+                                               "doc": "this node's Ray node id; empty: looked up by node_name"})
+    node_name: str = field(default="", metadata={"doc": "this node's Ray node name (ray start --node-name; Ray's default is the node's IP); used when node_id is empty"})
+    on_rebalance: bool = field(default=False, metadata={"doc": "drain the Ray node on a rebalance recommendation too"})
+    command_timeout: float = field(default=15.0, metadata={"min": 0.5, "max": 120, "doc": "seconds per ray command"})
+
+    def validate(self) -> Problems:
+        out: Problems = []
+        if self.enabled and not self.address:
+            out.append(("address", "required when [ray] enabled = true"))
+        if self.enabled and not (self.node_id or self.node_name):
+            out.append(("node_name", "set node_name or node_id so the agent knows which Ray node is this one"))
+        if not self.command:
+            out.append(("command", "must not be empty"))
+        return out
+
+
 @dataclass
 class MetricsSection:
     enabled: bool = True
@@ -292,6 +336,8 @@ class Config:
     transfer: TransferSection = field(default_factory=TransferSection)
     drain: DrainSection = field(default_factory=DrainSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    slurm: SlurmSection = field(default_factory=SlurmSection)
+    ray: RaySection = field(default_factory=RaySection)
 
     def validate(self) -> Problems:
         out: Problems = []

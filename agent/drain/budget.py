@@ -16,10 +16,10 @@ Pure: (event, config, now, shutdown budget) in, :class:`Plan` out. The rules, in
 from __future__ import annotations
 
 import re
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from agent.config import Config, DrainSection
-from agent.drain.plan import (LIFECYCLE, NOTIFY, RETENTION, SNAPSHOT, UPLOAD, WAIT, Plan, Step)
+from agent.drain.plan import (LIFECYCLE, NOTIFY, REQUEUE, RETENTION, SCHEDULER, SNAPSHOT, UPLOAD, WAIT, Plan, Step)
 from agent.events import REBALANCE, Event
 
 DEFAULT_SHUTDOWN_BUDGET = 90.0  # systemd's DefaultTimeoutStopSec
@@ -71,13 +71,14 @@ def notify_targets(config: Config, event_kind: str) -> List[str]:
 
 def build_plan(event: Event, config: Config, now: float, shutdown_budget: float, *,
                volumes: Optional[Sequence[str]] = None, stores: Optional[Sequence[str]] = None,
-               lifecycle: Optional[bool] = None, early: bool = False) -> Plan:
+               lifecycle: Optional[bool] = None, early: bool = False, schedulers: Sequence[str] = ()) -> Plan:
     """The plan for ``event`` as of ``now`` (epoch seconds).
 
     ``volumes``/``stores`` name what is actually there (mounted volumes, checkpoint stores); by default
     they come from the config. ``lifecycle`` says whether the instance is in a group with a
     terminating hook (None: whenever ``[drain.lifecycle] enabled``). ``early`` builds the rebalance
-    plan (``[drain] rebalance``).
+    plan (``[drain] rebalance``). ``schedulers`` names the job schedulers acting on this node
+    ("slurm", "ray"; see agent/schedulers): they add the ``scheduler`` and ``requeue`` steps.
     """
     d = config.drain
     if volumes is None:
@@ -90,11 +91,11 @@ def build_plan(event: Event, config: Config, now: float, shutdown_budget: float,
 
     if early or event.kind == REBALANCE:
         return _early_plan(event, config, now, list(volumes), list(stores))
-    return _terminal_plan(event, config, now, shutdown_budget, list(volumes), list(stores), lifecycle)
+    return _terminal_plan(event, config, now, shutdown_budget, list(volumes), list(stores), lifecycle, list(schedulers))
 
 
 def _terminal_plan(event: Event, config: Config, now: float, shutdown_budget: float, volumes: List[str],
-                   stores: List[str], lifecycle: bool) -> Plan:
+                   stores: List[str], lifecycle: bool, schedulers: Sequence[str] = ()) -> Plan:
     d = config.drain
     notes: List[str] = []
     if event.deadline is not None:
@@ -105,6 +106,9 @@ def _terminal_plan(event: Event, config: Config, now: float, shutdown_budget: fl
 
     targets = notify_targets(config, event.kind)
     waits = wait_conditions(config, event.kind)
+    sched, requeue = _scheduler_steps(config, schedulers)
+    if "slurm" in schedulers and config.slurm.commit_file:
+        waits = waits + ["slurm-commits"]
     # Signals and starting hooks take milliseconds; only a webhook's retries need the whole notify budget.
     notify_wanted = (d.notify_timeout if d.workload.webhook is not None else min(1.0, d.notify_timeout)) if targets else 0.0
     notify = Step(NOTIFY, notify_wanted, 0.0, detail="; ".join(targets) or "nothing to notify")
@@ -134,12 +138,17 @@ def _terminal_plan(event: Event, config: Config, now: float, shutdown_budget: fl
         notes.append("hibernate: the instance may stop with no lead time, so the snapshot goes first")
     else:
         order = [notify, wait, snap, upload, retention, life]
+    if sched is not None and event.action != "hibernate":
+        order.insert(0, sched)
+        if requeue is not None:
+            order.insert(order.index(upload) + 1, requeue)
 
     total = deadline - now
     usable = max(0.0, total - margin)
     reserve = sum(s.reserve for s in order if s.persist and s.state != "skipped")
     early_time = max(0.0, usable - reserve)
-    for step in (notify, wait):
+    early_steps = [s for s in order if s.name in (SCHEDULER, NOTIFY, WAIT)]
+    for step in early_steps:
         if step.state == "skipped":
             continue
         step.budget = min(step.wanted, early_time)
@@ -151,8 +160,13 @@ def _terminal_plan(event: Event, config: Config, now: float, shutdown_budget: fl
             step.for_time = True
             step.state = "cut"
             step.reason = f"cut to {step.budget:.1f} s of {step.wanted:.1f} s: {reserve:.1f} s reserved for persistence"
-    spent = sum(s.budget for s in (notify, wait))
+    spent = sum(s.budget for s in early_steps)
     left = usable - spent
+    if REQUEUE in [s.name for s in order] and requeue is not None:
+        requeue.budget = min(requeue.wanted, max(0.0, left - reserve))
+        if requeue.budget < requeue.wanted:
+            requeue.for_time = True
+            requeue.reason = "runs with the time left after the upload"
     if left < reserve:
         left = min(reserve, max(0.0, total - spent))
         if reserve:
@@ -175,6 +189,24 @@ def _terminal_plan(event: Event, config: Config, now: float, shutdown_budget: fl
         retention.detail += "; only with time to spare"
 
     return Plan(event.kind, event.action, event.key, now, deadline, source, margin, order, notes)
+
+
+def _scheduler_steps(config: Config, schedulers: Sequence[str]) -> Tuple[Optional[Step], Optional[Step]]:
+    """The ``scheduler`` step (and ``requeue`` with ``[slurm] requeue = true``) when a job scheduler acts here."""
+    if not schedulers:
+        return None, None
+    wanted = (2 * config.slurm.command_timeout if "slurm" in schedulers else 0.0) + \
+        (config.ray.command_timeout if "ray" in schedulers else 0.0)
+    parts = []
+    if "slurm" in schedulers:
+        parts.append(f"slurm: State=DRAIN, scancel --signal={config.slurm.signal.replace('SIG', '')} --full each job here")
+    if "ray" in schedulers:
+        parts.append("ray drain-node (preemption, seconds left)")
+    sched = Step(SCHEDULER, wanted, 0.0, detail="; ".join(parts))
+    requeue = None
+    if "slurm" in schedulers and config.slurm.requeue:
+        requeue = Step(REQUEUE, config.slurm.command_timeout, 0.0, detail="scontrol requeue each signalled job")
+    return sched, requeue
 
 
 def _early_plan(event: Event, config: Config, now: float, volumes: List[str], stores: List[str]) -> Plan:
@@ -220,6 +252,8 @@ def _wait_text(cond: str, config: Config) -> str:
     wl = config.drain.workload
     if cond == "marker":
         return f"{wl.marker} appears"
+    if cond == "slurm-commits":
+        return f"every node of each job writes {config.slurm.commit_file}"
     if cond == "process":
         return f"the {'unit ' + wl.unit if wl.unit else 'pidfile process'} exits"
     return "the hooks exit"

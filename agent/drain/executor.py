@@ -35,6 +35,7 @@ from agent.drain.workload import Workload
 from agent.events import MESSAGE_IDS, Event
 from agent.identity import InstanceIdentity
 from agent.runner import Runner
+from agent.schedulers import Schedulers
 from agent.state import StateStore
 from agent.volumes.model import MountedVolume
 
@@ -65,6 +66,8 @@ class Drainer:
         self.stores = list(checkpoint_stores)
         self.progress = progress
         self.workload = Workload(config.drain.workload, config.hooks, runner)
+        # Slurm/Ray on this node: detected and looked up now, never after the notice.
+        self.schedulers = Schedulers(config, runner, state, clock, default_ray_name=getattr(identity, "local_ipv4", "") or "").prepare()
         self.shutdown_budget = self._read_shutdown_budget()
         self._lock = threading.Lock()  # one terminal drain at a time
         self._early_lock = threading.Lock()  # one early (rebalance) checkpoint at a time
@@ -108,7 +111,7 @@ class Drainer:
         volumes = self._volume_names()
         return build_plan(event, self.config, self.clock.time(), self.shutdown_budget, volumes=volumes,
                           stores=[self._store_name(i, s) for i, s in enumerate(self.stores)] if self.stores else [],
-                          lifecycle=lifecycle, early=early)
+                          lifecycle=lifecycle, early=early, schedulers=self.schedulers.active())
 
     def dry_run(self, event: Event) -> str:
         text = self.plan(event).render()
@@ -124,6 +127,7 @@ class Drainer:
     def run(self, event: Event) -> DrainReport:
         """Drain for ``event``: once per termination. The same notice again returns the first report."""
         self._terminating.set()
+        self.schedulers.interrupted()
         with self._lock:
             rec = self._record()
             if rec and not rec.get("finished") and self._abandon_if_stale(rec):
@@ -153,6 +157,10 @@ class Drainer:
             return self._execute(rec, "early", resumed=False)
         finally:
             self._early_lock.release()
+
+    def scheduler_rebalance(self, event: Event) -> List[str]:
+        """A rebalance recommendation: the Slurm/Ray actions configured for it (agent/schedulers)."""
+        return self.schedulers.rebalance(event.kind)
 
     def pending_event(self) -> Optional[Event]:
         """The event of a drain a killed agent left unfinished (the daemon re-dispatches it)."""
@@ -301,11 +309,31 @@ class Drainer:
             return "failed", "; ".join(res.errors + res.done)
         return "ok", "; ".join(res.done)
 
+    def _step_scheduler(self, plan: Plan, event: Event, rec: Dict[str, Any], slot: str, budget: float,
+                        interrupted: bool) -> Tuple[str, str]:
+        """Slurm/Ray (agent/schedulers): drain this node, signal every job here on all its nodes."""
+        sched = rec.setdefault("scheduler", {})
+        state, reason = self.schedulers.terminal(event.kind, event.action, plan.deadline, sched,
+                                                 save=lambda: self._save(slot, rec))
+        self.timeline.append(("scheduler-signalled", self.clock.time()))
+        return state, reason
+
+    def _step_requeue(self, plan: Plan, event: Event, rec: Dict[str, Any], slot: str, budget: float,
+                      interrupted: bool) -> Tuple[str, str]:
+        return self.schedulers.requeue(rec.setdefault("scheduler", {}), save=lambda: self._save(slot, rec))
+
     def _step_wait(self, plan: Plan, event: Event, rec: Dict[str, Any], slot: str, budget: float,
                    interrupted: bool) -> Tuple[str, str]:
         conds = wait_conditions(self.config, event.kind)
         since = rec.get("notified_at") or rec.get("started") or self.clock.time()
+        t0 = time.monotonic()
         res = self.workload.wait(conds, budget, since, rec.get("pid"))
+        if self.schedulers.waits_for_commits():
+            met, note = self.schedulers.wait_commits(rec.get("scheduler", {}), budget - (time.monotonic() - t0), since)
+            res.met = res.met and met
+            res.notes.append(note)
+            if not met:
+                res.pending.append("slurm commit files")
         self.timeline.append(("checkpoint-written" if res.met else "wait-ended", self.clock.time()))
         notes = "; ".join(res.notes)
         if res.met:

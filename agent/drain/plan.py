@@ -18,8 +18,10 @@ SNAPSHOT = "snapshot"
 UPLOAD = "upload"
 RETENTION = "retention"
 LIFECYCLE = "lifecycle"
+SCHEDULER = "scheduler"  # Slurm/Ray: drain the node, signal the job on all its nodes (agent/schedulers)
+REQUEUE = "requeue"  # Slurm: requeue the signalled jobs once the checkpoint is persisted
 
-STEP_NAMES = (NOTIFY, WAIT, SNAPSHOT, UPLOAD, RETENTION, LIFECYCLE)
+STEP_NAMES = (SCHEDULER, NOTIFY, WAIT, SNAPSHOT, UPLOAD, REQUEUE, RETENTION, LIFECYCLE)
 PERSIST_STEPS = (SNAPSHOT, UPLOAD, LIFECYCLE)
 
 # A persistence step past its deadline still gets this long: AWS's deadline is approximate, and a

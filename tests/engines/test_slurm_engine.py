@@ -1,0 +1,132 @@
+"""A real Slurm (Debian's slurmctld, two slurmd, munge, on 127.0.0.1) and the real agent daemon.
+
+A batch job spans both nodes; its script traps the signal and each node writes its checkpoint and a
+commit file. A spot notice on n1's agent (IMDS simulator) drains n1 in Slurm with a reason naming the
+notice, signals the job on both nodes (scancel --signal=USR1 --full), waits for both commit files,
+uploads n1's checkpoint to S3 (moto), and requeues the job; sinfo and squeue show it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from agent.sim.imds_server import IMDSSimulator
+from tests.daemon_harness import AgentProcess, wait_file
+
+JOB = r"""#!/bin/bash
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --requeue
+#SBATCH --job-name=gang
+# The batch shell gets the signal too (--full): it only waits for the steps.
+trap 'echo "batch shell got USR1"' USR1
+srun --kill-on-bad-exit=0 bash -c '
+  node=$SLURMD_NODENAME
+  ck=ROOT/ckpt/$node; mkdir -p $ck ROOT/commit/$SLURM_JOB_ID
+  step=0
+  save() {
+    mkdir -p $ck/step-$step
+    echo "node $node step $step" > $ck/step-$step/state.txt
+    touch $ck/step-$step/DONE
+    touch ROOT/commit/$SLURM_JOB_ID/$node.done
+    echo "saved step $step on $node"
+  }
+  trap save USR1
+  echo running > ROOT/running-$node
+  while true; do step=$((step+1)); sleep 0.2 & wait $!; done
+' &
+wait $!
+wait $!
+"""
+
+
+def wait_for(fn, timeout=30.0, what=""):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_spot_notice_on_one_node_drains_it_signals_the_job_on_both_and_requeues(slurm_fresh, local_aws, aws, tmp_path):
+    slurm = slurm_fresh
+    root = str(tmp_path)
+    script = os.path.join(root, "job.sh")
+    with open(script, "w") as fh:
+        fh.write(JOB.replace("ROOT", root))
+    aws.s3.create_bucket(Bucket="gang")
+    job_id = slurm.sbatch(script, "-o", os.path.join(root, "job-%j.out"))
+    wait_for(lambda: os.path.exists(f"{root}/running-n1") and os.path.exists(f"{root}/running-n2"), 30, "the job on both nodes")
+
+    sim = IMDSSimulator(port=0).start()
+    state_dir = os.path.join(root, "state")
+    config = f"""
+[agent]
+state_dir = "{state_dir}"
+socket = "{root}/agent.sock"
+[imds]
+endpoint = "{sim.url}"
+poll_interval = 0.1
+[aws]
+endpoint_url = "{local_aws.url}"
+region = "us-east-1"
+[metrics]
+enabled = false
+[drain]
+margin = 5
+[drain.lifecycle]
+enabled = false
+[drain.workload]
+checkpoint_timeout = 30
+[slurm]
+node = "n1"
+conf = "{slurm.conf}"
+bin_dir = "/usr/bin"
+signal = "USR1"
+commit_file = "{root}/commit/{{job_id}}/{{node}}.done"
+requeue = true
+[[checkpoints]]
+dir = "{root}/ckpt/n1"
+s3 = "s3://gang/run-1/"
+marker = "DONE"
+interval = 0
+restore = false
+"""
+    agent = AgentProcess(tmp_path, config)
+    try:
+        agent.wait_ready(30)
+        sim.control("spot", {"action": "terminate", "in": 120})
+        wait_file(os.path.join(state_dir, "status.json"), 60, contains='"state": "drained"')
+        status = json.load(open(os.path.join(state_dir, "status.json")))
+        steps = {s["name"]: s for s in status["drain"]["steps"]}
+        assert [s["name"] for s in status["drain"]["steps"]][:3] == ["scheduler", "notify", "wait"], agent.log()
+        assert steps["scheduler"]["state"] == "ok", steps
+        assert f"SIGUSR1 to job {job_id} on n1,n2" in steps["scheduler"]["reason"]
+        assert steps["wait"]["state"] == "ok" and "2 commit file(s) of 1 job(s) written" in steps["wait"]["reason"], steps
+        assert steps["upload"]["state"] == "ok", steps
+        assert steps["requeue"]["state"] == "ok" and f"job {job_id} requeued" in steps["requeue"]["reason"], steps
+    finally:
+        agent.stop()
+        sim.stop()
+
+    # both nodes checkpointed the step they were at when the signal came
+    for node in ("n1", "n2"):
+        assert os.path.exists(f"{root}/commit/{job_id}/{node}.done")
+        assert any(os.path.exists(os.path.join(root, "ckpt", node, d, "DONE")) for d in os.listdir(f"{root}/ckpt/{node}"))
+    # n1 is drained in Slurm, with a reason naming the notice and its deadline (sinfo shows it)
+    info = slurm.node_info("n1")
+    assert "DRAIN" in info["State"], info
+    assert info["Reason"].startswith("spot-agent: spot-interruption/terminate, deadline 20"), info
+    sinfo = slurm.run(["sinfo", "--Node", "--noheader", "--format=%N %T %E"]).stdout
+    assert any(line.startswith("n1 drain") and "spot-interruption" in line for line in sinfo.splitlines()), sinfo
+    # the job was requeued (squeue shows it pending again, restarted once)
+    jobs = {str(j["job_id"]): j for j in slurm.jobs()}
+    assert jobs[job_id]["job_state"] in ("PENDING", "REQUEUED", "CONFIGURING"), jobs[job_id]["job_state"]
+    assert jobs[job_id]["restart_cnt"] == 1
+    # n1's checkpoint is committed in S3
+    keys = [o["Key"] for o in aws.s3.list_objects_v2(Bucket="gang", Prefix="run-1/").get("Contents", [])]
+    assert any(k.startswith("run-1/manifests/") for k in keys) and any(k.endswith("/state.txt") for k in keys), keys
