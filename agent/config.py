@@ -230,14 +230,32 @@ class WebhookSection:
 
 @dataclass
 class WorkloadSection:
+    profile: str = field(default="generic", metadata={"choices": ["generic", "torchrun", "lightning", "huggingface"],
+                                                      "doc": "a set of defaults for signal, kill_whom, complete and env (agent/drain/profiles.py)"})
     unit: str = field(default="", metadata={"doc": "systemd unit to signal (systemctl kill --signal=)"})
     pidfile: str = field(default="", metadata={"check": _absolute, "doc": "process to signal, found by pidfile"})
-    signal: str = field(default="SIGTERM", metadata={"check": _signal_name, "doc": "signal sent to the unit or pidfile process"})
-    kill_whom: str = field(default="main", metadata={"choices": ["main", "control", "all"], "doc": "systemctl kill --kill-whom: main spares data-loader workers"})
+    signal: str = field(default="", metadata={"check": lambda v: _signal_name(v) if v else None, "doc": "signal sent to the unit or pidfile process; empty: the profile's (SIGTERM)"})
+    kill_whom: str = field(default="", metadata={"choices": ["", "main", "control", "all"], "doc": "main: the launcher only; all: every process of the unit (pidfile: its process tree) at once; empty: the profile's"})
     webhook: Optional[WebhookSection] = None
     marker: str = field(default="", metadata={"check": _absolute, "doc": "file whose appearance means the checkpoint is written"})
     wait: str = field(default="auto", metadata={"choices": ["auto", "hooks", "process", "marker", "none"], "doc": "what 'checkpoint written' means"})
+    complete: List[str] = field(default_factory=list, metadata={"choices": ["hooks", "process", "marker", "commit", "ack"],
+                                                                "doc": "completion conditions (overrides wait); empty: the profile's"})
+    complete_mode: str = field(default="", metadata={"choices": ["", "all", "any"], "doc": "all conditions must hold, or any one; empty: the profile's"})
+    commit_dir: str = field(default="", metadata={"check": _absolute, "doc": "where the job writes step directories; empty: the first [[checkpoints]] dir"})
+    commit_file: str = field(default="", metadata={"check": lambda v: None if "/" not in v and v not in (".", "..") else f"must be a file name, got {v!r}",
+                                                   "doc": "file that commits a step directory (torchrun: .metadata); empty: the profile's"})
+    commit_settle: float = field(default=2.0, metadata={"min": 0, "max": 600, "doc": "a committed step counts once its files are unchanged this long, seconds"})
+    notice_file: str = field(default="", metadata={"check": _absolute, "doc": "the notice as JSON for the job; empty: notice.json next to [agent] socket"})
+    ack_dir: str = field(default="", metadata={"check": _absolute, "doc": "where the job's helper acknowledges its checkpoint; empty: ack/ next to [agent] socket"})
+    env_file: str = field(default="", metadata={"check": _absolute, "doc": "environment for the workload unit (EnvironmentFile=); empty: workload.env next to [agent] socket"})
+    env: Dict[str, str] = field(default_factory=dict, metadata={"doc": "entries added to or replacing the profile's env file entries; an empty value drops one"})
     checkpoint_timeout: float = field(default=60.0, metadata={"min": 0, "doc": "longest wait for the workload's checkpoint, seconds"})
+
+    def validate(self) -> Problems:
+        return [(f"env.{k}", "must be an environment variable name (letters, digits, _)")
+                for k in self.env if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k)] + \
+               [(f"env.{k}", "must not hold a newline or NUL") for k, v in self.env.items() if "\n" in v or "\0" in v]
 
 
 @dataclass

@@ -19,6 +19,7 @@ import re
 from typing import List, Optional, Sequence, Tuple
 
 from agent.config import Config, DrainSection
+from agent.drain import profiles
 from agent.drain.plan import (LIFECYCLE, NOTIFY, REQUEUE, RETENTION, SCHEDULER, SNAPSHOT, UPLOAD, WAIT, Plan, Step)
 from agent.events import REBALANCE, Event
 
@@ -32,35 +33,19 @@ def snapshot_volume_names(config: Config) -> List[str]:
 
 
 def wait_conditions(config: Config, event_kind: str) -> List[str]:
-    """What "the checkpoint is written" means for this config: hooks, process, marker (all must hold)."""
-    wl = config.drain.workload
-    has_hooks = any(event_kind in h.on for h in config.hooks)
-    has_process = bool(wl.unit or wl.pidfile)
-    if wl.wait == "none":
-        return []
-    if wl.wait == "hooks":
-        return ["hooks"] if has_hooks else []
-    if wl.wait == "process":
-        return ["process"] if has_process else []
-    if wl.wait == "marker":
-        return ["marker"] if wl.marker else []
-    out = []
-    if has_hooks:
-        out.append("hooks")
-    if wl.marker:
-        out.append("marker")
-    elif has_process:
-        out.append("process")
-    return out
+    """What "the checkpoint is written" means for this config (agent.drain.profiles): hooks, process,
+    marker, commit, ack; all must hold, or one with ``complete_mode = "any"``."""
+    return profiles.for_config(config, event_kind).conditions
 
 
 def notify_targets(config: Config, event_kind: str) -> List[str]:
     wl = config.drain.workload
+    r = profiles.for_config(config, event_kind)
     out = []
     if wl.unit:
-        out.append(f"{wl.signal} to unit {wl.unit} (kill-whom={wl.kill_whom})")
+        out.append(f"{r.signal} to unit {wl.unit} (kill-whom={r.kill_whom})")
     if wl.pidfile:
-        out.append(f"{wl.signal} to the process in {wl.pidfile}")
+        out.append(f"{r.signal} to the process in {wl.pidfile}" + (" and its descendants" if r.kill_whom == "all" else ""))
     n = sum(1 for h in config.hooks if event_kind in h.on)
     if n:
         out.append(f"{n} hook{'s' if n > 1 else ''}")
@@ -113,7 +98,7 @@ def _terminal_plan(event: Event, config: Config, now: float, shutdown_budget: fl
     notify_wanted = (d.notify_timeout if d.workload.webhook is not None else min(1.0, d.notify_timeout)) if targets else 0.0
     notify = Step(NOTIFY, notify_wanted, 0.0, detail="; ".join(targets) or "nothing to notify")
     wait = Step(WAIT, d.workload.checkpoint_timeout if waits else 0.0, 0.0,
-                detail=("until " + " and ".join(_wait_text(w, config) for w in waits)) if waits else "nothing to wait for")
+                detail=("until " + _waits_text(waits, config)) if waits else "nothing to wait for")
     snap = Step(SNAPSHOT, d.snapshot_reserve, 0.0, persist=True, reserve=d.snapshot_reserve,
                 detail=_snapshot_text(list(volumes), d))
     upload = Step(UPLOAD, d.upload_reserve, 0.0, persist=True, reserve=d.upload_reserve,
@@ -248,6 +233,15 @@ def _skip(step: Step, reason: str) -> None:
     step.budget = 0.0
 
 
+def _waits_text(waits: List[str], config: Config) -> str:
+    """The workload's conditions joined as the profile's mode says; the Slurm commits always too."""
+    own = [_wait_text(w, config) for w in waits if w != "slurm-commits"]
+    text = (" or " if profiles.for_config(config).mode == "any" else " and ").join(own)
+    if "slurm-commits" in waits:
+        text = " and ".join(([f"({text})" if len(own) > 1 else text] if own else []) + [_wait_text("slurm-commits", config)])
+    return text
+
+
 def _wait_text(cond: str, config: Config) -> str:
     wl = config.drain.workload
     if cond == "marker":
@@ -256,6 +250,11 @@ def _wait_text(cond: str, config: Config) -> str:
         return f"every node of each job writes {config.slurm.commit_file}"
     if cond == "process":
         return f"the {'unit ' + wl.unit if wl.unit else 'pidfile process'} exits"
+    if cond == "commit":
+        r = profiles.for_config(config)
+        return f"a step in {r.commit_dir} commits with {r.commit_file}"
+    if cond == "ack":
+        return "the job's helper acknowledges its checkpoint"
     return "the hooks exit"
 
 

@@ -65,7 +65,9 @@ class Drainer:
         self.mounted = mounted
         self.stores = list(checkpoint_stores)
         self.progress = progress
-        self.workload = Workload(config.drain.workload, config.hooks, runner)
+        self.workload = Workload(config.drain.workload, config.hooks, runner, socket_path=config.agent.socket,
+                                 checkpoint_dirs=[c.dir for c in config.checkpoints])
+        self.workload.prepare()  # the unit's env file, the notice and ack directories
         # Slurm/Ray on this node: detected and looked up now, never after the notice.
         self.schedulers = Schedulers(config, runner, state, clock, default_ray_name=getattr(identity, "local_ipv4", "") or "").prepare()
         self.shutdown_budget = self._read_shutdown_budget()
