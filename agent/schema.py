@@ -16,11 +16,15 @@ A dataclass may define ``validate(self) -> list[tuple[str, str]]`` for cross-fie
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import typing
 from typing import Any, Dict, List, Optional, Tuple, Type, TypeVar
 
 T = TypeVar("T")
+
+MAX_INT = 2 ** 63 - 1  # TOML integers are 64-bit; a bigger one is a typo, not a setting
+NUL_MESSAGE = "must not contain a NUL character"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +122,9 @@ def _convert(tp: Any, value: Any, path: str, problems: List[ConfigProblem]) -> A
             return None
         out_d = {}
         for k, v in value.items():
+            if "\x00" in str(k):
+                problems.append(ConfigProblem(join(path, repr(str(k))), NUL_MESSAGE))
+                continue
             converted = _convert(args[1], v, join(path, str(k)), problems)
             if converted is not None:
                 out_d[str(k)] = converted
@@ -126,10 +133,18 @@ def _convert(tp: Any, value: Any, path: str, problems: List[ConfigProblem]) -> A
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(ConfigProblem(path, f"expected a number, got {_describe(value)}"))
             return None
-        return float(value)
+        # nan passes every comparison (so every min/max check) and inf breaks every deadline sum.
+        number = float(value) if isinstance(value, float) or abs(value) <= MAX_INT else math.inf
+        if not math.isfinite(number):
+            problems.append(ConfigProblem(path, f"must be a finite number, got {value}"))
+            return None
+        return number
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             problems.append(ConfigProblem(path, f"expected an integer, got {_describe(value)}"))
+            return None
+        if abs(value) > MAX_INT:
+            problems.append(ConfigProblem(path, f"must fit in 64 bits, got {value}"))
             return None
         return value
     if tp is bool:
@@ -140,6 +155,10 @@ def _convert(tp: Any, value: Any, path: str, problems: List[ConfigProblem]) -> A
     if tp is str:
         if not isinstance(value, str):
             problems.append(ConfigProblem(path, f"expected a string, got {_describe(value)}"))
+            return None
+        if "\x00" in value:
+            # A NUL cannot go into argv, the environment or a path: the hook would silently not run.
+            problems.append(ConfigProblem(path, NUL_MESSAGE))
             return None
         return value
     if tp is Any:

@@ -8,3 +8,17 @@ from agent.config import DEFAULT_CONFIG_PATH
 def add_config_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", default=DEFAULT_CONFIG_PATH, metavar="PATH",
                         help=f"config file (default {DEFAULT_CONFIG_PATH})")
+
+
+def finite_float(text: str) -> float:
+    """argparse ``type`` for every numeric option: ``float()`` takes ``nan`` and ``inf``, and nan
+    passes every range check after it, so refuse them here, in argparse's one-line error (exit 2)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value

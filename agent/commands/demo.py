@@ -14,6 +14,8 @@ import subprocess
 import sys
 from typing import Any
 
+from agent.commands import finite_float
+
 
 def register(sub: Any) -> None:
     p = sub.add_parser("demo", help="run a spot instance's life locally: notice, drain, replacement, resume",
@@ -25,7 +27,7 @@ def register(sub: Any) -> None:
                    help="draw the drain timeline into this SVG file (.png too, if rsvg-convert is installed)")
     p.add_argument("--workdir", metavar="DIR", default="", help="work here instead of a new temporary directory")
     p.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs, state, volume images)")
-    p.add_argument("--notice-window", type=float, default=40.0, metavar="SECONDS",
+    p.add_argument("--notice-window", type=finite_float, default=40.0, metavar="SECONDS",
                    help="simulated time between the spot notice and the termination (default 40; AWS gives 120)")
     p.add_argument("--no-block-devices", action="store_true",
                    help="use directory-backed volumes even as root (no loop devices, no snapshots)")

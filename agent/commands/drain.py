@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from agent.commands import add_config_arg
+from agent.commands import add_config_arg, finite_float
 from agent.events import EVENT_KINDS, MANUAL
 
 
@@ -22,7 +22,7 @@ def register(sub):
     p.add_argument("--dry-run", action="store_true", help="print the plan with budgets; touch nothing")
     p.add_argument("--kind", default=MANUAL, choices=list(EVENT_KINDS), help="the event to plan for (default manual)")
     p.add_argument("--action", default="", help="the notice action: terminate, stop or hibernate (spot notices)")
-    p.add_argument("--deadline-in", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--deadline-in", type=finite_float, default=None, metavar="SECONDS",
                    help="the instance goes in SECONDS (default: 120 for a spot notice, as AWS gives; "
                         "otherwise the shutdown budget)")
     p.add_argument("--json", action="store_true", help="print the report (or plan) as JSON")
@@ -64,6 +64,12 @@ def run(args) -> int:
     from agent import logs
 
     logs.setup(cfg.agent.log_level)
+    from agent.state import agent_dirs_problem
+
+    problem = agent_dirs_problem(cfg.agent.state_dir, cfg.agent.socket)
+    if problem:
+        print(f"spot-agent drain: refusing to run: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     if not args.force and _daemon_answers(cfg.agent.socket):
         print(f"spot-agent drain: the daemon answers on {cfg.agent.socket}; it drains on its own "
               f"(stop it, or use --force)", file=sys.stderr)

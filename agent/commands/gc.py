@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any
 
-from agent.commands import add_config_arg
+from agent.commands import add_config_arg, finite_float
 
 
 def register(sub) -> None:
@@ -25,7 +25,7 @@ def register(sub) -> None:
     p.add_argument("--delete", action="store_true", help="delete what the plan marks for deletion")
     p.add_argument("--keep", type=int, default=None, metavar="N",
                    help="completed snapshots kept per volume name (default [drain] keep_snapshots)")
-    p.add_argument("--max-age-days", type=float, default=0.0, metavar="DAYS",
+    p.add_argument("--max-age-days", type=finite_float, default=0.0, metavar="DAYS",
                    help="snapshots older than this go (the newest completed one still stays); 0: no age limit")
     p.set_defaults(func=run)
 

@@ -6,6 +6,8 @@ import json
 import sys
 from typing import Any, Dict
 
+from agent.commands import finite_float
+
 DEFAULT_ENDPOINT = "http://127.0.0.1:1338"
 
 
@@ -28,7 +30,7 @@ def register(sub):
     trig.add_argument("kind", choices=["spot", "rebalance", "scheduled", "asg", "fault", "clear", "stats", "identity"])
     trig.add_argument("--endpoint", default=DEFAULT_ENDPOINT)
     trig.add_argument("--action", default="terminate", choices=["terminate", "stop", "hibernate"], help="spot: the action")
-    trig.add_argument("--in", dest="in_seconds", type=float, default=None,
+    trig.add_argument("--in", dest="in_seconds", type=finite_float, default=None,
                       help="spot: deadline in N seconds (default 120); scheduled: NotBefore in N seconds (default 600)")
     trig.add_argument("--time", default="", help="spot: an explicit ISO time instead of --in")
     trig.add_argument("--moving-time", action="store_true", help="spot: recompute the time on every request")
@@ -36,9 +38,10 @@ def register(sub):
                       choices=["instance-reboot", "system-reboot", "system-maintenance", "instance-retirement", "instance-stop"])
     trig.add_argument("--state", default=None, help="scheduled: active|canceled|completed; asg: a target lifecycle state")
     trig.add_argument("--event-id", default="", help="scheduled: the EventId (to cancel an earlier one)")
-    trig.add_argument("--fault", default="", choices=["", "429", "5xx", "slow", "hang", "403", "token-expiry", "malformed"])
+    trig.add_argument("--fault", default="", choices=["", "429", "5xx", "slow", "hang", "slow-headers", "403", "token-expiry", "malformed"])
     trig.add_argument("--count", type=int, default=1, help="fault: how many requests (-1: until cleared)")
-    trig.add_argument("--seconds", type=float, default=2.0, help="fault slow: delay per answer")
+    trig.add_argument("--seconds", type=finite_float, default=None,
+                      help="fault slow: delay per answer (default 2); slow-headers: delay between header bytes (default 0.05)")
     trig.add_argument("--status", type=int, default=500, help="fault 5xx: the status code")
     trig.add_argument("--off", action="store_true", help="fault 403: turn IMDS back on")
     trig.add_argument("--path", default="spot/instance-action", help="fault malformed: the meta-data path")
@@ -100,9 +103,12 @@ def build_request(args) -> Dict[str, Any]:
         return {"state": args.state or "Terminated"}
     if kind == "fault":
         if not args.fault:
-            raise ValueError("fault needs --fault 429|5xx|slow|hang|403|token-expiry|malformed")
-        return {"kind": args.fault, "count": args.count, "seconds": args.seconds, "code": args.status,
+            raise ValueError("fault needs --fault 429|5xx|slow|hang|slow-headers|403|token-expiry|malformed")
+        body = {"kind": args.fault, "count": args.count, "code": args.status,
                 "on": not args.off, "path": args.path, "body": args.body}
+        if args.seconds is not None:
+            body["seconds"] = args.seconds
+        return body
     if kind == "clear":
         return {"what": args.what}
     if kind == "identity":

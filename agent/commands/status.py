@@ -13,6 +13,7 @@ import sys
 import time
 
 from agent.cli import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE
+from agent.commands import finite_float
 from agent.config import DEFAULT_CONFIG_PATH, AgentSection, Config, load
 from agent.schema import ConfigError
 from agent.status_socket import DaemonNotRunning, fetch_status
@@ -26,7 +27,7 @@ def register(sub) -> None:
     p.add_argument("--config", "-c", default=None, metavar="PATH", help=f"config file for the socket and state paths (default {DEFAULT_CONFIG_PATH})")
     p.add_argument("--socket", default=None, metavar="PATH", help="status socket path (overrides [agent] socket)")
     p.add_argument("--state-file", default=None, metavar="PATH", help="state file path (overrides <state_dir>/status.json)")
-    p.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS", help="seconds to wait for the daemon's answer (default 2)")
+    p.add_argument("--timeout", type=finite_float, default=2.0, metavar="SECONDS", help="seconds to wait for the daemon's answer (default 2)")
     p.set_defaults(func=run)
 
 
