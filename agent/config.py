@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from agent.events import EVENT_KINDS
 from agent.schema import ConfigError, ConfigProblem, build
+from agent.trust import untrusted_reason
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -61,8 +62,8 @@ def _signal_name(value: str) -> Optional[str]:
 
 @dataclass
 class AgentSection:
-    state_dir: str = field(default="/var/lib/spot-agent", metadata={"check": _absolute, "doc": "where state survives restarts"})
-    socket: str = field(default="/run/spot-agent/agent.sock", metadata={"check": _absolute, "doc": "status socket (mode 0600)"})
+    state_dir: str = field(default="/var/lib/spot-agent", metadata={"check": _absolute, "doc": "where state survives restarts; must be root's own (not a symlink, not group/other-writable)"})
+    socket: str = field(default="/run/spot-agent/agent.sock", metadata={"check": _absolute, "doc": "status socket (mode 0600); its directory must be root's own"})
     log_level: str = field(default="info", metadata={"choices": ["debug", "info", "warning", "error"], "doc": "log level"})
     run: str = field(default="", metadata={"doc": "run name used in tags; empty: the instance id"})
 
@@ -72,7 +73,7 @@ class IMDSSection:
     endpoint: str = field(default="http://169.254.169.254", metadata={"check": _url, "doc": "IMDS base URL; the simulator in tests"})
     poll_interval: float = field(default=1.0, metadata={"min": 0.05, "max": 60, "doc": "seconds between spot/instance-action polls"})
     slow_poll_interval: float = field(default=5.0, metadata={"min": 0.1, "max": 300, "doc": "seconds between polls of the other notice paths"})
-    timeout: float = field(default=1.0, metadata={"min": 0.05, "max": 30, "doc": "per-request timeout, seconds"})
+    timeout: float = field(default=1.0, metadata={"min": 0.05, "max": 30, "doc": "total deadline per request (connect, headers, body), seconds"})
     token_ttl: int = field(default=21600, metadata={"min": 1, "max": 21600, "doc": "IMDSv2 session token TTL, seconds"})
     allow_imdsv1: bool = field(default=False, metadata={"doc": "fall back to IMDSv1 if the token PUT is refused (explicit opt-in)"})
     backoff_max: float = field(default=8.0, metadata={"min": 0.1, "max": 120, "doc": "cap of the exponential backoff after errors, seconds"})
@@ -394,31 +395,11 @@ def parse(text: str, source: str = "") -> Config:
 def insecure_reason(path: str) -> Optional[str]:
     """Why ``path`` must not be trusted by a root agent, or None.
 
-    Like sshd's StrictModes: the file and every directory above it must be owned by root and not be
-    writable by group or others; otherwise any local user could make the agent run code as root.
+    Like sshd's StrictModes, but per component (``agent.trust``): the file, every directory above it
+    and every symlink on the way (and in each link's target) must be owned by root, and none of them
+    writable by group or others; otherwise a local user could make the agent run code as root.
     """
-    try:
-        real = os.path.realpath(path)
-        st = os.stat(real)
-    except OSError as exc:
-        return f"{path}: cannot stat: {exc.strerror}"
-    if st.st_uid != 0:
-        return f"{real} is owned by uid {st.st_uid}, not root"
-    if st.st_mode & 0o022:
-        return f"{real} is writable by group or others (mode {st.st_mode & 0o777:o})"
-    parent = os.path.dirname(real)
-    while True:
-        try:
-            pst = os.stat(parent)
-        except OSError as exc:
-            return f"{parent}: cannot stat: {exc.strerror}"
-        sticky = pst.st_mode & 0o1000
-        if pst.st_uid != 0 or (pst.st_mode & 0o022 and not sticky):
-            return f"directory {parent} is writable by a user other than root"
-        if parent == "/":
-            break
-        parent = os.path.dirname(parent)
-    return None
+    return untrusted_reason(path, kind="file")
 
 
 def load(path: str, strict_permissions: Optional[bool] = None) -> Config:

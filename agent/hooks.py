@@ -2,8 +2,13 @@
 
 Each hook runs in its own session (process group), so a timeout kills everything it started, not just
 the first process: a checkpoint script that forks a helper must not outlive its budget and hold the
-drain. Output goes to the log line by line, tagged with the hook. Hooks of one event run in parallel,
-because each spends the same deadline.
+drain. Output goes to the log line by line, tagged with the hook, decoded as UTF-8 with replacement:
+a strict decoder dies on the first bad byte, the pipe fills and the hook hangs until its timeout. Hooks
+of one event run in parallel, because each spends the same deadline.
+
+The executable is checked again just before it runs, component by component (``agent.trust``), and the
+path that check resolved (no symlinks left) is what is executed: a path that passed at load time and was
+changed since is refused, not run. What is left between that check and exec can only be used by root.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from typing import Dict, List, Optional
 from agent import metrics
 from agent.config import HookSection
 from agent.events import Event
+from agent.imds.parse import escape_nul
+from agent.trust import UntrustedPath, resolve_trusted
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +63,9 @@ def hook_env(event: Event, hook: HookSection) -> Dict[str, str]:
         "SPOT_AGENT_DEADLINE_ISO": event.deadline_iso,
     }
     env.update(hook.env)
-    return env
+    # exec refuses a NUL anywhere in the environment: the hook would not run at all. IMDS strings are
+    # escaped (and counted) by the parser already; this is the last line for any other source.
+    return {escape_nul(k): escape_nul(v) for k, v in env.items()}
 
 
 def _pump(stream, label: str, level: int) -> None:
@@ -96,16 +105,25 @@ def run_hook(hook: HookSection, index: int, event: Event, budget: Optional[float
     env = hook_env(event, hook)
     if hook.user:
         env.setdefault("HOME", pwd.getpwnam(hook.user).pw_dir)
+    try:
+        executable = resolve_trusted(hook.command[0], kind="file")
+    except UntrustedPath as exc:
+        metrics.HOOK_FAILURES.labels(hook=label).inc()
+        error = f"hooks[{index}].command: refusing an unsafe hook executable: {exc}"
+        log.error("hook %s: %s", label, error, extra={"journal": {"HOOK": label}})
+        return HookResult(index, hook.command, None, False, time.monotonic() - started, error)
     log.info("hook %s: starting for %s", label, event.kind,
              extra={"journal": {"HOOK": label, "EVENT_KIND": event.kind}})
     try:
-        proc = subprocess.Popen(hook.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
-                                cwd="/", **kwargs)
-    except OSError as exc:
+        proc = subprocess.Popen(hook.command, executable=executable, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8",
+                                errors="replace", env=env, start_new_session=True, cwd="/", **kwargs)
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in argv; never a silent no-run
         metrics.HOOK_FAILURES.labels(hook=label).inc()
-        return HookResult(index, hook.command, None, False, time.monotonic() - started,
-                          f"hooks[{index}].command: {exc.strerror}: {hook.command[0]}")
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+        error = f"hooks[{index}].command: {reason}: {hook.command[0]}"
+        log.error("hook %s: cannot start: %s", label, error, extra={"journal": {"HOOK": label}})
+        return HookResult(index, hook.command, None, False, time.monotonic() - started, error)
     pumps = [threading.Thread(target=_pump, args=(proc.stdout, label, logging.INFO), daemon=True),
              threading.Thread(target=_pump, args=(proc.stderr, label, logging.WARNING), daemon=True)]
     for t in pumps:

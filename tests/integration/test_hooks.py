@@ -84,8 +84,11 @@ def test_runs_as_user():
     import tempfile
 
     tmp_path = pathlib.Path(tempfile.mkdtemp(prefix="spot-agent-hook-", dir="/tmp"))
-    os.chmod(tmp_path, 0o777)  # pytest's tmp dirs are root-only; "nobody" must reach the script
-    out = tmp_path / "uid"
+    os.chmod(tmp_path, 0o755)  # pytest's tmp dirs are root-only; "nobody" must reach the script
+    # ... and write its answer, but not next to the script: a hook in a writable directory is refused.
+    (tmp_path / "out").mkdir()
+    os.chmod(tmp_path / "out", 0o777)
+    out = tmp_path / "out" / "uid"
     cmd = script(tmp_path, "who.sh", f"id -u > {out}\n")
     r = run_hook(HookSection(on=[SPOT_INTERRUPTION], command=[cmd], user="nobody"), 0, EVENT)
     assert r.ok, r
@@ -93,3 +96,35 @@ def test_runs_as_user():
     r = run_hook(HookSection(on=[SPOT_INTERRUPTION], command=[cmd], user="no-such-user-x"), 0, EVENT)
     assert "no such user" in r.error
     shutil.rmtree(tmp_path)
+
+
+def test_output_that_is_not_utf8_does_not_hang_the_hook(tmp_path, caplog):
+    """A strict decoder died on the first bad byte, nobody read the pipe any more, and the hook blocked
+    writing until its timeout, inside the drain. Decoded with replacement, it runs to the end."""
+    cmd = script(tmp_path, "bin.sh", "printf 'bad \\377 byte\\n'\nhead -c 300000 /dev/zero | tr '\\0' a\necho\n"
+                                     "echo 'after the bad byte'\n")
+    caplog.set_level(logging.INFO, logger="agent.hooks")
+    r = run_hook(HookSection(on=[SPOT_INTERRUPTION], command=[cmd], timeout=20), 0, EVENT)
+    assert r.ok and not r.timed_out, r
+    messages = [rec.getMessage() for rec in caplog.records]
+    assert any("bad \ufffd byte" in m for m in messages)
+    assert any("after the bad byte" in m for m in messages)
+
+
+def test_nul_in_an_event_field_still_runs_the_hook_with_it_escaped(tmp_path):
+    """exec refuses a NUL in the environment: the hook did not run at all (and nothing said so)."""
+    from agent.events import SCHEDULED_MAINTENANCE
+
+    out = tmp_path / "env"
+    cmd = script(tmp_path, "h.sh", f'printf "%s" "$SPOT_AGENT_ACTION" > {out}\n')
+    event = Event(SCHEDULED_MAINTENANCE, "instance-stop\x00evil", None, "scheduled:e1", 1795999880.0, {})
+    (r,) = run_hooks([HookSection(on=[SCHEDULED_MAINTENANCE], command=[cmd])], event)
+    assert r.ok, r
+    assert out.read_text() == "instance-stop\\x00evil"
+
+
+def test_nul_in_argv_is_a_reported_failure_not_a_silent_one(tmp_path):
+    """The schema refuses a NUL in the config; a HookSection built in code must still fail loudly."""
+    cmd = script(tmp_path, "h.sh", "exit 0\n")
+    r = run_hook(HookSection(on=[SPOT_INTERRUPTION], command=[cmd, "a\x00b"]), 4, EVENT)
+    assert not r.ok and r.error.startswith("hooks[4].command:") and "null" in r.error
