@@ -23,7 +23,7 @@ from agent.config import Config, ConfigError, load
 from agent.daemon_context import Context, build_context
 from agent.drain.freeze import boot_id
 from agent.events import MANUAL, SHUTDOWN, Event
-from agent.state import atomic_write
+from agent.state import agent_dirs_problem, atomic_write
 from agent.supervisor import Supervisor, shutdown_event
 from agent.systemd_notify import Notifier, watchdog_interval
 
@@ -473,6 +473,10 @@ def run(config_path: str) -> int:
         config = load(config_path)
     except ConfigError as exc:
         print(f"spot-agent: refusing to start: {exc.one_line()}", file=sys.stderr)
+        return EXIT_USAGE
+    problem = agent_dirs_problem(config.agent.state_dir, config.agent.socket)
+    if problem:
+        print(f"spot-agent: refusing to start: {problem}", file=sys.stderr)
         return EXIT_USAGE
     logs.setup(config.agent.log_level)
     log.info("spot-agent %s starting with %s", __version__, config_path)

@@ -18,7 +18,7 @@ from agent.config import Config
 from agent.identity import InstanceIdentity, from_imds
 from agent.imds.client import IMDSClient, IMDSDisabled, IMDSError
 from agent.runner import Runner
-from agent.state import StateStore
+from agent.state import StateStore, secure_dir
 from agent.systemd_notify import Notifier
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def build_context(config: Config, clock: Clock = SYSTEM_CLOCK, notifier: Optiona
     """Build the context. An IMDS that answers 403 leaves the identity unknown but does not fail:
     the agent can still drain on SIGTERM and upload checkpoints."""
     notifier = notifier or Notifier()
-    os.makedirs(config.agent.state_dir, mode=0o700, exist_ok=True)
+    secure_dir(config.agent.state_dir)  # a user-writable state dir could plant drain records
     state = StateStore(os.path.join(config.agent.state_dir, "state.json"))
     imds = make_imds_client(config, clock)
     disabled = False

@@ -2,6 +2,8 @@
 
 The drain records each step here before and after doing it, so a restart resumes a drain instead of
 repeating a snapshot or a lifecycle completion, and the startup path can thaw anything left frozen.
+That is why the state directory must be the agent's own (:func:`secure_dir`): a user who can write
+there could plant a drain record for the root agent to "resume".
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import os
 import tempfile
 import threading
 from typing import Any, Dict, Optional
+
+from agent.trust import UntrustedPath, resolve_trusted
 
 
 def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
@@ -36,6 +40,32 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def secure_dir(path: str, mode: int = 0o700) -> str:
+    """Create ``path`` if missing, then require it to be the agent's own; return it resolved.
+
+    Own means (``agent.trust``): not a symlink, owned by root (or the agent's uid when it does not
+    run as root), not writable by group or others, and the same for every directory above it (a
+    sticky one such as ``/tmp`` is fine). Checked after creating, so a directory someone else made
+    first is refused rather than adopted. Raises :class:`agent.trust.UntrustedPath` (one line).
+    """
+    try:
+        os.makedirs(path, mode=mode, exist_ok=True)
+    except OSError as exc:
+        raise UntrustedPath(f"{path}: cannot create: {exc.strerror}") from None
+    return resolve_trusted(path, allow_final_link=False, kind="dir")
+
+
+def agent_dirs_problem(state_dir: str, socket_path: str) -> Optional[str]:
+    """One line naming the key, if the state directory or the socket's directory is not the agent's own."""
+    for key, path, mode in (("agent.state_dir", state_dir, 0o700),
+                            ("agent.socket", os.path.dirname(socket_path), 0o755)):
+        try:
+            secure_dir(path, mode)
+        except UntrustedPath as exc:
+            return f"{key}: {exc}"
+    return None
 
 
 class StateStore:
