@@ -35,6 +35,8 @@ IMDS_REQUESTS = Counter("spot_agent_imds_requests", "IMDS requests by path and s
 IMDS_LAST_SUCCESS = Gauge("spot_agent_imds_last_success_timestamp_seconds", "Last successful IMDS poll.", registry=REGISTRY)
 IMDS_BAD_ANSWERS = Counter("spot_agent_imds_bad_answers", "IMDS answers that could not be understood, by path and reason.",
                            ["path", "reason"], registry=REGISTRY)
+IMDS_NUL_FIELDS = Counter("spot_agent_imds_nul_fields", "IMDS string fields that held a NUL byte (escaped as \\x00), by path.",
+                          ["path"], registry=REGISTRY)
 IMDS_DISABLED = Gauge("spot_agent_imds_disabled", "1 when IMDS answered 403 (IMDS turned off for this instance).", registry=REGISTRY)
 
 NOTICE_ACTIVE = Gauge("spot_agent_notice_active", "1 while a notice of this kind is active.", ["kind"], registry=REGISTRY)

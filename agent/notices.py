@@ -16,11 +16,16 @@ from agent.imds.parse import RebalanceNotice, ScheduledEvent, SpotNotice
 # Scheduled codes that end or stop the instance (reboots do not).
 TERMINAL_SCHEDULED_CODES = ("instance-stop", "instance-retirement")
 
+# AWS gives a spot notice two minutes ahead; a notice whose time cannot be read gets this much from
+# when it was first seen (fail safe: ignoring a notice with a clear action would lose the checkpoint).
+SPOT_NOTICE_LEAD = 120.0
+
 
 class NoticeTracker:
     def __init__(self, latched: Iterable[str] = ()) -> None:
         self.latched: Set[str] = set(latched)
         self.active: Dict[str, Event] = {}
+        self._first_seen: Dict[str, float] = {}
 
     def _fire(self, event: Event) -> List[Event]:
         self.active[event.key] = event
@@ -34,7 +39,9 @@ class NoticeTracker:
         if notice is None:
             return []
         key = f"spot:{notice.action}"
-        deadline = notice.time
+        first_seen = self._first_seen.setdefault(key, now)
+        # A bad time: the standard lead from the first sighting, so the deadline does not move per poll.
+        deadline = notice.time if notice.time is not None else first_seen + SPOT_NOTICE_LEAD
         # Hibernate may come with no lead time; a time in the past means "now".
         if deadline < now and notice.action == "hibernate":
             deadline = now

@@ -2,18 +2,29 @@
 
 Why the care: the agent's only warning of termination comes through here, and IMDS misbehaves in
 known ways (throttling at 429, tokens expiring, 403 when IMDS is turned off, proxies answering HTML,
-bodies that never end). Each is turned into a typed outcome for the watcher; nothing here retries in
-a loop or sleeps, so the watcher's schedule stays in one place.
+bodies or headers that never end). Each is turned into a typed outcome for the watcher; nothing here
+retries in a loop or sleeps, so the watcher's schedule stays in one place.
+
+``timeout`` is a total deadline per request: connect, headers and body. A socket timeout alone is
+per read, so a server that sends one byte of header a second would hold the single watcher thread
+for ever; here every read of the connection's socket gets only what is left of the deadline.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import socket
 import threading
+import time
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection
+from urllib3.connectionpool import HTTPConnectionPool
 
 from agent import metrics
 from agent.clock import SYSTEM_CLOCK, Clock
@@ -33,6 +44,64 @@ PATH_LABELS = {
     "/latest/meta-data/autoscaling/target-lifecycle-state": "autoscaling/target-lifecycle-state",
     TOKEN_PATH: "api/token",
 }
+
+
+# The deadline of the request this thread is making (time.monotonic(); None: no deadline). Reads
+# happen on the calling thread, so a thread-local reaches the socket without widening urllib3's API.
+_DEADLINE = threading.local()
+
+
+class _DeadlineSocket:
+    """A socket whose every send and receive gets at most what is left of the request's deadline."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+    def _arm(self) -> None:
+        at = getattr(_DEADLINE, "at", None)
+        if at is None:
+            return
+        left = at - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("the request's total deadline has passed")
+        self._sock.settimeout(left)
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        self._arm()
+        return self._sock.recv_into(buffer, nbytes, flags)
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        self._arm()
+        return self._sock.recv(bufsize, flags)
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        self._arm()
+        self._sock.sendall(data, flags)
+
+    def makefile(self, mode: str = "r", buffering: Optional[int] = None, **kwargs: Any) -> Any:
+        if mode != "rb":
+            return self._sock.makefile(mode, buffering, **kwargs)  # type: ignore[call-overload]
+        # What socket.makefile does, but reading through this wrapper (http.client reads headers here).
+        self._sock._io_refs += 1  # type: ignore[attr-defined]
+        return io.BufferedReader(socket.SocketIO(self, "rb"), buffering or io.DEFAULT_BUFFER_SIZE)  # type: ignore[arg-type]
+
+
+class _DeadlineConnection(HTTPConnection):
+    def _new_conn(self) -> Any:
+        return _DeadlineSocket(super()._new_conn())
+
+
+class _DeadlinePool(HTTPConnectionPool):
+    ConnectionCls = _DeadlineConnection
+
+
+def _deadline_adapter() -> HTTPAdapter:
+    adapter = HTTPAdapter(pool_connections=1, pool_maxsize=2, max_retries=0)
+    adapter.poolmanager.pool_classes_by_scheme = dict(adapter.poolmanager.pool_classes_by_scheme, http=_DeadlinePool)
+    return adapter
 
 
 class IMDSError(Exception):
@@ -74,6 +143,7 @@ class IMDSClient:
         self.clock = clock
         self._session = requests.Session()
         self._session.trust_env = False  # never route IMDS through an HTTP(S)_PROXY
+        self._session.mount("http://", _deadline_adapter())
         self._token: Optional[str] = None
         self._token_expires = 0.0  # monotonic
         self._v1 = False
@@ -116,6 +186,7 @@ class IMDSClient:
         url = self.endpoint + path
         label = PATH_LABELS.get(path, "other")
         deadline = self.clock.monotonic() + self.timeout
+        _DEADLINE.at = time.monotonic() + self.timeout
         try:
             with self._session.request(method, url, headers=headers, timeout=self.timeout, stream=True,
                                        allow_redirects=False) as resp:
@@ -125,14 +196,18 @@ class IMDSClient:
             metrics.IMDS_REQUESTS.labels(path=label, code_class="error").inc()
             metrics.IMDS_UP.set(0)
             raise
-        except requests.Timeout:
+        except (requests.Timeout, urllib3.exceptions.TimeoutError, socket.timeout):
             metrics.IMDS_REQUESTS.labels(path=label, code_class="error").inc()
             metrics.IMDS_UP.set(0)
-            raise IMDSError("timeout", f"{path}: no answer within {self.timeout:g}s") from None
-        except requests.RequestException as exc:
+            self._session.close()  # the connection is mid-answer: never reuse it
+            raise IMDSError("timeout", f"{path}: no complete answer within {self.timeout:g}s") from None
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
             metrics.IMDS_REQUESTS.labels(path=label, code_class="error").inc()
             metrics.IMDS_UP.set(0)
+            self._session.close()
             raise IMDSError("connection", f"{path}: {type(exc).__name__}") from None
+        finally:
+            _DEADLINE.at = None
         metrics.IMDS_REQUESTS.labels(path=label, code_class=_code_class(status)).inc()
         metrics.IMDS_UP.set(1 if status < 500 else 0)
         return Answer(status, text)

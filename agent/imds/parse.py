@@ -2,7 +2,11 @@
 
 Nothing here does I/O, so every odd answer seen in the wild (HTML from a proxy, empty bodies, a time
 that is not a time, unknown actions) is a unit test, and the watcher only decides what to do with a
-:class:`BadAnswer`: count it, log it, keep polling.
+:class:`BadAnswer`: count it, log it, keep polling. Two answers are both a notice and a problem, and
+say so in a field rather than by raising: a spot notice with a valid action and a bad ``time``
+(``bad_time``: the agent drains anyway, fail safe) and a scheduled event whose strings hold a NUL
+(``escaped``: a NUL cannot go into a hook's environment, so it is written as ``\\x00``).
+Every parser raises nothing but :class:`BadAnswer`, whatever the body (a property test holds it).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import datetime as _dt
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 SPOT_ACTIONS = ("terminate", "stop", "hibernate")
 SCHEDULED_CODES = ("instance-reboot", "system-reboot", "system-maintenance", "instance-retirement", "instance-stop")
@@ -33,8 +37,9 @@ class BadAnswer(ValueError):
 @dataclass(frozen=True)
 class SpotNotice:
     action: str
-    time: float  # epoch seconds
+    time: Optional[float]  # epoch seconds; None when the answer's time was not a time (see bad_time)
     raw: Dict[str, Any] = field(default_factory=dict, compare=False)
+    bad_time: str = ""  # why ``time`` could not be read; the notice still counts (fail safe)
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class ScheduledEvent:
     not_after: Optional[float]
     description: str = ""
     raw: Dict[str, Any] = field(default_factory=dict, compare=False)
+    escaped: Tuple[str, ...] = ()  # fields that held a NUL, now written as \\x00
 
     @property
     def active(self) -> bool:
@@ -75,8 +81,19 @@ def _json(text: str) -> Any:
         raise BadAnswer("html", f"HTML or XML instead of JSON: {_snippet(text)!r}")
     try:
         return json.loads(text)
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         raise BadAnswer("malformed-json", f"{exc.msg} at char {exc.pos}: {_snippet(text)!r}") from None
+    except (ValueError, RecursionError) as exc:
+        # An integer of more than 4300 digits (ValueError without .msg), or nesting deeper than the stack.
+        raise BadAnswer("malformed-json", f"{type(exc).__name__}: {_snippet(text)!r}") from None
+
+
+NUL_ESCAPE = "\\x00"
+
+
+def escape_nul(value: str) -> str:
+    """A NUL cannot be passed in argv or the environment (exec refuses it): write it as ``\\x00``."""
+    return value.replace("\x00", NUL_ESCAPE)
 
 
 _ISO = re.compile(r"^(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2}):(\d{2})(\.\d+)?(Z|[+-]\d{2}:?\d{2})?$")
@@ -134,7 +151,11 @@ def parse_instance_action(text: str) -> SpotNotice:
     action = data.get("action")
     if not isinstance(action, str) or action.lower() not in SPOT_ACTIONS:
         raise BadAnswer("unknown-action", f"action {action!r} is not terminate, stop or hibernate")
-    when = parse_iso_time(data.get("time"))
+    try:
+        when: Optional[float] = parse_iso_time(data.get("time"))
+    except BadAnswer as bad:
+        # The action is clear and the instance is going: ignoring it would lose the checkpoint.
+        return SpotNotice(action.lower(), None, data, bad_time=bad.detail)
     return SpotNotice(action.lower(), when, data)
 
 
@@ -175,8 +196,11 @@ def parse_scheduled(text: str) -> List[ScheduledEvent]:
         not_before = parse_imds_date(item["NotBefore"]) if item.get("NotBefore") else None
         not_after = parse_imds_date(item["NotAfter"]) if item.get("NotAfter") else None
         state = item.get("State") if isinstance(item.get("State"), str) else "active"
-        out.append(ScheduledEvent(event_id, code, state, not_before, not_after,
-                                  str(item.get("Description", "")), item))
+        fields = {"Code": code, "EventId": event_id, "State": state, "Description": str(item.get("Description", ""))}
+        escaped = tuple(name for name, value in fields.items() if "\x00" in value)
+        clean = {name: escape_nul(value) for name, value in fields.items()}
+        out.append(ScheduledEvent(clean["EventId"], clean["Code"], clean["State"], not_before, not_after,
+                                  clean["Description"], item, escaped))
     return out
 
 

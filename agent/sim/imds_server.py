@@ -3,8 +3,9 @@
 Users rehearse their hooks against it (``spot-agent simulate serve``), and the tests and the demo use
 it. Beyond what amazon-ec2-metadata-mock serves, it enforces IMDSv2's token rules (TTL bounds, 401 on a
 missing or expired token, 403 for a PUT carrying X-Forwarded-For) and injects the faults an agent meets
-in the wild: 429 bursts, 5xx, slow or never-ending answers, 403 (IMDS disabled), token expiry, and
-malformed bodies. It is driven over HTTP under ``/_sim/v1/`` so any process can trigger a notice.
+in the wild: 429 bursts, 5xx, slow or never-ending answers (a body that trickles, or headers that
+trickle: each byte in time for a per-read timeout, the whole never), 403 (IMDS disabled), token
+expiry, and malformed bodies. It is driven over HTTP under ``/_sim/v1/`` so any process can trigger a notice.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class SimState:
     slow_seconds: float = 0.0
     slow_count: int = 0  # -1: until cleared
     hang_count: int = 0  # the next N GETs send headers, then a body that never ends
+    slow_headers_count: int = 0  # the next N requests trickle their headers a byte at a time, for ever
+    slow_headers_interval: float = 0.05  # seconds between header bytes
     malformed: Dict[str, Tuple[str, int]] = field(default_factory=dict)  # path -> (body, remaining count; -1 forever)
     tokens: Dict[str, float] = field(default_factory=dict)  # token -> expiry (monotonic)
     max_ttl_override: Optional[int] = None
@@ -159,6 +162,9 @@ class IMDSSimulator:
                     s.slow_count = count
                 elif kind == "hang":
                     s.hang_count = count
+                elif kind == "slow-headers":
+                    s.slow_headers_count = count
+                    s.slow_headers_interval = float(body.get("seconds", 0.05))
                 elif kind == "403":
                     s.disabled = bool(body.get("on", True))
                 elif kind == "token-expiry":
@@ -166,7 +172,7 @@ class IMDSSimulator:
                 elif kind == "malformed":
                     s.malformed[body.get("path", "spot/instance-action")] = (body.get("body", "{not json"), count)
                 else:
-                    raise ValueError(f"unknown fault {kind!r}; use 429, 5xx, slow, hang, 403, token-expiry, malformed")
+                    raise ValueError(f"unknown fault {kind!r}; use 429, 5xx, slow, hang, slow-headers, 403, token-expiry, malformed")
             elif command == "clear":
                 what = body.get("what", "all")
                 if what in ("all", "spot"):
@@ -178,7 +184,7 @@ class IMDSSimulator:
                 if what in ("all", "asg"):
                     s.lifecycle_state = None
                 if what in ("all", "faults"):
-                    s.fault_429 = s.fault_5xx = s.hang_count = s.slow_count = 0
+                    s.fault_429 = s.fault_5xx = s.hang_count = s.slow_count = s.slow_headers_count = 0
                     s.slow_seconds = 0.0
                     s.disabled = False
                     s.malformed = {}
@@ -294,6 +300,11 @@ class _Handler(BaseHTTPRequestHandler):
             if s.hang_count > 0 and self.command == "GET":
                 s.hang_count -= 1
                 hang = True
+            slow_headers = 0.0
+            if s.slow_headers_count:
+                slow_headers = s.slow_headers_interval
+                if s.slow_headers_count > 0:
+                    s.slow_headers_count -= 1
             if s.disabled:
                 status = 403
             elif s.fault_429 > 0:
@@ -306,6 +317,9 @@ class _Handler(BaseHTTPRequestHandler):
                 status = 0
         if slow:
             time.sleep(slow)
+        if slow_headers:
+            self._trickle_headers(slow_headers)
+            return True
         if hang:
             # Headers promise a body, then it trickles forever: only a total deadline saves a client.
             self.send_response(200)
@@ -333,6 +347,28 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(status, "Internal Server Error")
             return True
         return False
+
+    def _trickle_headers(self, interval: float) -> None:
+        """A status line, then one header whose value never ends, a byte every ``interval`` seconds.
+
+        One long header (not many short ones): http.client gives up after 100 headers, but reads a
+        64 KiB line, so at 20 bytes a second only a deadline over the whole request ends this.
+        """
+        sim = self.simulator
+        try:
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: ":
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(interval)
+            for _ in range(int(600 / interval)):
+                if sim.stopped.is_set():
+                    break
+                self.wfile.write(b"z")
+                self.wfile.flush()
+                time.sleep(interval)
+        except OSError:
+            pass
+        self.close_connection = True
 
     def _read_json(self) -> Dict[str, Any]:
         length = int(self.headers.get("Content-Length") or 0)

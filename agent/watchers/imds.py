@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Set
 
 from agent import metrics
 from agent.backoff import Backoff
@@ -20,7 +20,7 @@ from agent.config import IMDSSection
 from agent.events import Event
 from agent.imds import parse
 from agent.imds.client import IMDSClient, IMDSDisabled, IMDSError
-from agent.notices import NoticeTracker
+from agent.notices import SPOT_NOTICE_LEAD, NoticeTracker
 from agent.watchers.base import Emit
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class IMDSWatcher:
         self.last_success = 0.0
         self.bad_answers = 0
         self._last_bad: Dict[str, str] = {}
+        self._nul_logged: Set[str] = set()
         self.polls = 0
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -74,13 +75,22 @@ class IMDSWatcher:
         now = self.clock.time()
         answer = self.client.get(path)
         text = answer.text if answer.found else None
+        still_bad = False
         try:
             if path == SPOT:
-                events = self.tracker.spot(parse.parse_instance_action(text) if text is not None else None, now)
+                notice = parse.parse_instance_action(text) if text is not None else None
+                if notice is not None and notice.bad_time:
+                    still_bad = True
+                    self._bad_answer(path, parse.BadAnswer("bad-time", notice.bad_time),
+                                     f"draining anyway with the standard {SPOT_NOTICE_LEAD:g} s deadline from when "
+                                     f"it was first seen")
+                events = self.tracker.spot(notice, now)
             elif path == REBALANCE:
                 events = self.tracker.rebalance(parse.parse_rebalance(text) if text is not None else None, now)
             elif path == SCHEDULED:
-                events = self.tracker.scheduled(parse.parse_scheduled(text) if text is not None else [], now)
+                scheduled = parse.parse_scheduled(text) if text is not None else []
+                self._nul_fields(path, scheduled)
+                events = self.tracker.scheduled(scheduled, now)
             elif path == LIFECYCLE:
                 events = self.tracker.lifecycle(parse.parse_target_lifecycle_state(text) if text is not None else None, now)
             else:
@@ -88,18 +98,29 @@ class IMDSWatcher:
         except parse.BadAnswer as bad:
             self._bad_answer(path, bad)
             return []
-        self._last_bad.pop(path, None)
+        if not still_bad:
+            self._last_bad.pop(path, None)
         return events
 
-    def _bad_answer(self, path: str, bad: parse.BadAnswer) -> None:
+    def _bad_answer(self, path: str, bad: parse.BadAnswer, handled: str = "") -> None:
         label = path.split("/latest/meta-data/", 1)[-1]
         metrics.IMDS_BAD_ANSWERS.labels(path=label, reason=bad.reason).inc()
         self.bad_answers += 1
         # Log the first of a run of the same problem, not one line a second.
         if self._last_bad.get(path) != bad.reason:
-            log.warning("IMDS %s: ignoring a bad answer (%s)", label, bad,
+            log.warning("IMDS %s: %s (%s)", label, f"bad answer, {handled}" if handled else "ignoring a bad answer", bad,
                         extra={"journal": {"IMDS_PATH": label, "REASON": bad.reason}})
             self._last_bad[path] = bad.reason
+
+    def _nul_fields(self, path: str, events: List[parse.ScheduledEvent]) -> None:
+        """Count and log, once per event, the strings that held a NUL: they reach hooks escaped."""
+        label = path.split("/latest/meta-data/", 1)[-1]
+        for ev in events:
+            if ev.escaped and ev.event_id not in self._nul_logged:
+                self._nul_logged.add(ev.event_id)
+                metrics.IMDS_NUL_FIELDS.labels(path=label).inc(len(ev.escaped))
+                log.warning("IMDS %s: %s of event %s held a NUL byte; passed on as \\x00", label,
+                            ", ".join(ev.escaped), ev.event_id, extra={"journal": {"IMDS_PATH": label, "REASON": "nul"}})
 
     # -- the schedule -------------------------------------------------------------------------
     def _loop(self) -> None:

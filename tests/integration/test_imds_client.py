@@ -97,3 +97,32 @@ def test_connection_refused_is_transient():
     with pytest.raises(IMDSError) as exc:
         IMDSClient("http://127.0.0.1:9", timeout=0.5).get(ID)
     assert exc.value.reason == "connection"
+
+
+@pytest.mark.parametrize("first", ["token", "get"])
+def test_headers_that_trickle_hit_the_total_deadline(imds_sim, first):
+    """Each header byte arrives well within a per-read timeout; only a deadline over the whole request
+    (connect + headers + body) ends it. Before, one such answer held the caller for ten minutes."""
+    import threading
+    import time
+
+    c = client(imds_sim, timeout=0.5)
+    if first == "get":
+        c.get(ID)  # a token first, so the trickle hits the GET (else it hits the token PUT)
+    imds_sim.control("fault", {"kind": "slow-headers", "count": 1, "seconds": 0.05})
+    outcome = []
+
+    def call():
+        started = time.monotonic()
+        try:
+            c.get(ID)
+            outcome.append(("answered", time.monotonic() - started))
+        except IMDSError as exc:
+            outcome.append((exc.reason, time.monotonic() - started))
+
+    t = threading.Thread(target=call, daemon=True)
+    t.start()
+    t.join(timeout=10)
+    assert outcome, "the request was still blocked on its headers after 10 s"
+    assert outcome[0][0] == "timeout"
+    assert c.get(ID).found  # the next request gets a fresh connection and an answer

@@ -123,7 +123,6 @@ def test_backoff_does_not_spin(imds_sim, watch):
 @pytest.mark.parametrize("body,reason", [
     ("{not json", "malformed-json"),
     ('{"action": "explode", "time": "2030-01-01T00:00:00Z"}', "unknown-action"),
-    ('{"action": "terminate", "time": "whenever"}', "bad-time"),
     ("", "empty"),
     ("<html><body>captive portal</body></html>", "html"),
 ])
@@ -186,3 +185,52 @@ def test_a_reloaded_interval_applies_at_once(imds_sim, watch):
     time.sleep(2.5)
     after = imds_sim.state.requests_by_path.get("/latest/meta-data/spot/instance-action", 0)
     assert after - before >= 10
+
+
+def test_headers_that_trickle_do_not_block_the_watcher(imds_sim, watch):
+    w, events = watch()
+    time.sleep(0.2)
+    imds_sim.control("fault", {"kind": "slow-headers", "count": 2, "seconds": 0.05})
+    imds_sim.control("spot", {"action": "terminate", "in": 120})
+    assert wait_for(events, SPOT_INTERRUPTION, timeout=6)
+    assert w.alive()
+
+
+@pytest.mark.parametrize("bad_time", ['"whenever"', "12345", "null", '"2030-13-45T00:00:00Z"'])
+def test_spot_notice_with_a_bad_time_drains_with_two_minutes(imds_sim, watch, bad_time):
+    """Fail safe: the action is clear, so the notice counts, with the standard two minutes from when
+    it was first seen; the bad time is still counted and logged as a bad answer."""
+    labels = {"path": "spot/instance-action", "reason": "bad-time"}
+    before = metrics.REGISTRY.get_sample_value("spot_agent_imds_bad_answers_total", labels) or 0
+    body = '{"action": "stop", "time": %s}' % bad_time
+    imds_sim.control("fault", {"kind": "malformed", "path": "spot/instance-action", "body": body, "count": -1})
+    seen = time.time()
+    w, events = watch()
+    e = wait_for(events, SPOT_INTERRUPTION)
+    assert e.action == "stop" and e.key == "spot:stop"
+    assert seen <= e.detected_at <= time.time()
+    assert e.deadline == pytest.approx(e.detected_at + 120, abs=0.01)
+    time.sleep(0.5)
+    assert collect(events, 0.1) == []  # latched: once, and the deadline does not move with each poll
+    assert w.tracker.active["spot:stop"].deadline == e.deadline
+    after = metrics.REGISTRY.get_sample_value("spot_agent_imds_bad_answers_total", labels)
+    assert after - before >= 2
+
+
+def test_nul_in_a_scheduled_event_is_escaped_counted_and_still_an_event(imds_sim, watch):
+    """A NUL cannot reach a hook's environment (exec refuses it and the hook silently did not run):
+    the field arrives escaped as \\x00, counted once per event in spot_agent_imds_nul_fields_total."""
+    import json
+
+    labels = {"path": "events/maintenance/scheduled"}
+    before = metrics.REGISTRY.get_sample_value("spot_agent_imds_nul_fields_total", labels) or 0
+    body = json.dumps([{"Code": "instance-stop\u0000; rm -rf /", "EventId": "instance-event-nul\u0000",
+                        "NotBefore": "21 Jan 2030 09:00:43 GMT", "State": "active", "Description": "ok"}])
+    imds_sim.control("fault", {"kind": "malformed", "path": "events/maintenance/scheduled", "body": body, "count": -1})
+    w, events = watch()
+    e = wait_for(events, SCHEDULED_MAINTENANCE)
+    assert e.action == "instance-stop\\x00; rm -rf /" and "\x00" not in e.action
+    assert e.key == "scheduled:instance-event-nul\\x00"
+    time.sleep(0.6)  # several more polls of the same answer
+    after = metrics.REGISTRY.get_sample_value("spot_agent_imds_nul_fields_total", labels)
+    assert after - before == 2  # Code and EventId, counted once

@@ -24,15 +24,27 @@ def test_instance_action_other_actions(action):
     ("<!DOCTYPE html><html></html>", "html"),
     ('{"action": "explode", "time": "2017-09-18T08:22:00Z"}', "unknown-action"),
     ('{"time": "2017-09-18T08:22:00Z"}', "unknown-action"),
-    ('{"action": "terminate", "time": "soon"}', "bad-time"),
-    ('{"action": "terminate", "time": 12345}', "bad-time"),
-    ('{"action": "terminate", "time": "2017-13-45T08:22:00Z"}', "bad-time"),
-    ('{"action": "terminate"}', "bad-time"),
+    ('{"action": "terminate\\u0000", "time": "2017-09-18T08:22:00Z"}', "unknown-action"),
+    ("[" * 100000, "malformed-json"),  # deeper than the stack: RecursionError, not a crash
+    ('{"action": "terminate", "time": %s}' % ("9" * 5000), "malformed-json"),  # int too long to convert
 ])
 def test_instance_action_bad_answers(body, reason):
     with pytest.raises(BadAnswer) as exc:
         parse.parse_instance_action(body)
     assert exc.value.reason == reason
+
+
+@pytest.mark.parametrize("body", [
+    '{"action": "terminate", "time": "soon"}',
+    '{"action": "terminate", "time": 12345}',
+    '{"action": "terminate", "time": "2017-13-45T08:22:00Z"}',
+    '{"action": "terminate", "time": "2017-09-18T08:22:00Z\\u0000"}',
+    '{"action": "terminate"}',
+])
+def test_instance_action_with_a_bad_time_is_still_a_notice(body):
+    """Fail safe: the action is valid, so the instance is going; the time problem is reported, not fatal."""
+    n = parse.parse_instance_action(body)
+    assert n.action == "terminate" and n.time is None and n.bad_time
 
 
 def test_iso_time_with_fraction_and_offset():
@@ -85,3 +97,17 @@ def test_lifecycle_state():
 def test_legacy_termination_time_garbage_is_none():
     assert parse.parse_termination_time("2015-01-05T18:02:00Z") == 1420480920.0
     assert parse.parse_termination_time("<html>") is None
+
+
+def test_nul_in_scheduled_strings_is_escaped_and_reported():
+    body = ('[{"Code": "instance-stop\\u0000x", "EventId": "e\\u00001", "NotBefore": "21 Jan 2019 09:00:43 GMT", '
+            '"State": "active", "Description": "d\\u0000"}]')
+    (ev,) = parse.parse_scheduled(body)
+    assert ev.code == "instance-stop\\x00x" and ev.event_id == "e\\x001" and ev.description == "d\\x00"
+    assert set(ev.escaped) == {"Code", "EventId", "Description"}
+    assert ev.active
+
+
+def test_scheduled_without_nul_reports_nothing_escaped():
+    (ev,) = parse.parse_scheduled('[{"Code": "system-reboot", "EventId": "e1", "State": "active"}]')
+    assert ev.escaped == ()

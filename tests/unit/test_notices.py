@@ -27,6 +27,14 @@ def test_hibernate_in_the_past_means_now():
     assert e.deadline == NOW
 
 
+def test_spot_notice_with_a_bad_time_gets_two_minutes_from_first_sight():
+    t = NoticeTracker()
+    (e,) = t.spot(SpotNotice("terminate", None, {"action": "terminate", "time": "soon"}, bad_time="not a time"), NOW)
+    assert e.deadline == NOW + 120 and e.detected_at == NOW
+    assert t.spot(SpotNotice("terminate", None, bad_time="x"), NOW + 5) == []
+    assert t.active["spot:terminate"].deadline == NOW + 120  # the deadline does not move with each poll
+
+
 def test_latched_keys_survive_a_restart():
     t = NoticeTracker()
     t.spot(SpotNotice("terminate", NOW + 120), NOW)
