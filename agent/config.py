@@ -201,6 +201,17 @@ class DatasetSection:
     background: bool = field(default=False, metadata={"doc": "true: don't hold READY for this dataset"})
 
 
+_SHARD_RE = re.compile(r"^(\d{1,6}|env|env:[A-Za-z_][A-Za-z0-9_]{0,63})$")
+
+
+@dataclass
+class GangSection:
+    size: int = field(metadata={"min": 1, "max": 4096, "doc": "number of shards (nodes) that save each step"})
+    shard: str = field(default="env", metadata={
+        "check": lambda v: None if _SHARD_RE.match(v) else f"must be a shard index, \"env\" or \"env:NAME\", got {v!r}",
+        "doc": "this node's shard index: a number, \"env:NAME\", or \"env\" (SLURM_NODEID, GROUP_RANK, NODE_RANK)"})
+
+
 @dataclass
 class CheckpointSection:
     dir: str = field(metadata={"check": _absolute})
@@ -210,6 +221,12 @@ class CheckpointSection:
     marker: str = field(default="", metadata={"doc": "marker file name: when set, a directory is complete once it holds this file"})
     keep: int = field(default=5, metadata={"min": 1, "doc": "committed checkpoints to keep in S3"})
     restore: bool = field(default=True, metadata={"doc": "at boot, restore the newest committed checkpoint before READY"})
+    gang: Optional[GangSection] = field(default=None, metadata={"doc": "a multi-node checkpoint: every shard saves each step; restore takes the newest complete step"})
+
+    def validate(self) -> Problems:
+        if self.gang is not None and not self.marker:
+            return [("marker", "a gang checkpoint needs marker: the file that commits one shard's step directory")]
+        return []
 
 
 @dataclass

@@ -331,9 +331,9 @@ class Daemon:
             self.volume_manager = VolumeManager(self.config.volumes, self.config.host, ctx.clients, ctx.identity,
                                                 ctx.state, ctx.runner, self.clock)
         if self.config.checkpoints and ctx.clients is not None:
-            from agent.transfer.checkpoints import CheckpointStore
+            from agent.transfer.gang import make_store  # a gang's shard store, or a plain CheckpointStore
 
-            self.checkpoint_stores = [CheckpointStore(ctx.clients.s3, ck, self.config.transfer, self.config.agent.state_dir)
+            self.checkpoint_stores = [make_store(ctx.clients.s3, ck, self.config.transfer, self.config.agent.state_dir)
                                       for ck in self.config.checkpoints]
         mounted = self.volume_manager.mounted if self.volume_manager is not None else (lambda: {})
         drainer = Drainer(self.config, ctx.clients, ctx.identity, ctx.state, ctx.runner, self.clock,

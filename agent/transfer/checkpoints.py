@@ -24,7 +24,7 @@ import stat as statmod
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from botocore.exceptions import ClientError
 
@@ -148,6 +148,8 @@ class CheckpointStore:
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", self.name)
         self.state = StateStore(os.path.join(state_dir, "checkpoints", f"{safe}.json"))
         self._lock = threading.Lock()
+        # Manifest ids retention must keep beyond the newest `keep` (set by agent/transfer/gang.py).
+        self.protected: Callable[[], Set[str]] = set
 
     # -- keys -------------------------------------------------------------------------------------
     def manifest_key(self, cid: str) -> str:
@@ -339,10 +341,14 @@ class CheckpointStore:
 
     # -- restore ----------------------------------------------------------------------------------
     def restore(self) -> RestoreResult:
-        t0 = time.monotonic()
         doc = self.latest()
         if doc is None:
             return RestoreResult(False, error=f"no committed checkpoint under {self.ck.s3}")
+        return self.restore_doc(doc)
+
+    def restore_doc(self, doc: dict) -> RestoreResult:
+        """Restore the files of one committed manifest (a gang restores its shard at a chosen step)."""
+        t0 = time.monotonic()
         res = RestoreResult(False, doc["id"])
         os.makedirs(self.ck.dir, exist_ok=True)
         stop = threading.Event()
@@ -402,6 +408,10 @@ class CheckpointStore:
             kept, dropped = ids, []
         else:
             kept, dropped = ids[-self.ck.keep:], ids[: -self.ck.keep]
+        protected = self.protected() if dropped else set()  # a gang's complete steps need their shard's manifest
+        if protected:
+            kept = sorted(set(kept) | (set(dropped) & protected))
+            dropped = [c for c in dropped if c not in protected]
         if not kept:
             return []
         referenced = set()
