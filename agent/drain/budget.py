@@ -20,7 +20,8 @@ from typing import List, Optional, Sequence, Tuple
 
 from agent.config import Config, DrainSection
 from agent.drain import profiles
-from agent.drain.plan import (LIFECYCLE, NOTIFY, REQUEUE, RETENTION, SCHEDULER, SNAPSHOT, UPLOAD, WAIT, Plan, Step)
+from agent.drain.plan import (LIFECYCLE, NOTIFY, NOTIFY_MIN, REQUEUE, RETENTION, SCHEDULER, SNAPSHOT, UPLOAD, WAIT, Plan,
+                              Step)
 from agent.events import REBALANCE, Event
 
 DEFAULT_SHUTDOWN_BUDGET = 90.0  # systemd's DefaultTimeoutStopSec
@@ -137,6 +138,15 @@ def _terminal_plan(event: Event, config: Config, now: float, shutdown_budget: fl
         if step.state == "skipped":
             continue
         step.budget = min(step.wanted, early_time)
+        if step is notify and step.budget < min(step.wanted, NOTIFY_MIN):
+            # A signal costs milliseconds: notify always happens, and what follows is cut instead.
+            step.budget = min(step.wanted, NOTIFY_MIN)
+            step.for_time = True
+            step.state = "cut"
+            step.reason = (f"only {max(0.0, early_time):.1f} s before the {reserve:.1f} s reserved for persistence: "
+                           f"notify still runs ({step.budget:.1f} s), the steps after it are cut")
+            early_time = 0.0
+            continue
         early_time -= step.budget
         if step.budget <= 0:
             _skip(step, f"no time: {usable:.1f} s usable and {reserve:.1f} s reserved for persistence")

@@ -30,6 +30,9 @@ MIN_PERSIST_BUDGET = 1.0
 # Retention is housekeeping: it only runs when this much time is free beyond the later reserves.
 RETENTION_BUDGET = 5.0
 RETENTION_MIN = 1.0
+# Signalling the workload and starting its hooks takes milliseconds: notify is never skipped for lack
+# of time, it gets at least this long (or what it asked for, if less); the steps after it are cut.
+NOTIFY_MIN = 1.0
 
 
 @dataclass
@@ -92,6 +95,8 @@ class Plan:
         soft = self.deadline - self.margin - now - later
         if not step.persist:
             cap = RETENTION_BUDGET if step.name == RETENTION else step.wanted
+            if step.name == NOTIFY:
+                return max(min(cap, NOTIFY_MIN), min(cap, soft))
             return max(0.0, min(cap, soft))
         hard = min(step.reserve, self.deadline - now)  # a shortage is taken from the later steps
         return max(MIN_PERSIST_BUDGET, soft, hard)

@@ -69,7 +69,11 @@ def test_short_notice_cuts_early_steps_and_keeps_reserves():
 
 def test_twenty_seconds_left_skips_waiting_but_snapshots():
     plan = build_plan(spot(20), parse(FULL), NOW, 90)
-    assert plan.step("notify").state == "skipped" and plan.step("wait").state == "skipped"
+    # A signal costs milliseconds: notify always happens, the wait is what is cut.
+    assert plan.step("notify").state == "cut" and plan.step("notify").budget == 1.0
+    assert "notify still runs" in plan.step("notify").reason
+    assert plan.budget_at("notify", NOW) == 1.0
+    assert plan.step("wait").state == "skipped"
     assert "reserved for persistence" in plan.step("wait").reason
     snap = plan.step("snapshot")
     assert snap.state == "planned" and snap.budget == 5.0
@@ -89,7 +93,7 @@ def test_twenty_seconds_left_without_s3_cuts_rather_than_skips():
 
 def test_deadline_already_passed_still_plans_persistence():
     plan = build_plan(spot(-5), parse(FULL), NOW, 90)
-    assert plan.step("notify").state == "skipped"
+    assert plan.step("notify").state == "cut" and plan.budget_at("notify", NOW) == 1.0
     assert plan.budget_at("snapshot", NOW) == 1.0  # the floor
     assert plan.budget_at("lifecycle", NOW) == 1.0
 
