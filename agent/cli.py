@@ -20,7 +20,7 @@ EXIT_USAGE = 2
 EXIT_NOT_RUNNING = 3
 EXIT_IMDS_DISABLED = 4
 
-COMMANDS = ["run", "check_config", "simulate", "sync", "volumes", "gc", "drain", "status", "demo"]
+COMMANDS = ["run", "check_config", "simulate", "sync", "volumes", "gc", "drain", "thaw", "status", "demo"]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -102,6 +102,9 @@ class HostSection:
     sys_root: str = field(default="/sys", metadata={"check": _absolute, "doc": "root of sysfs"})
     fstab: str = field(default="/etc/fstab", metadata={"check": _absolute, "doc": "fstab written by volumes with fstab = true"})
     unit_dir: str = field(default="/etc/systemd/system", metadata={"check": _absolute, "doc": "where mount units are written"})
+    proc_root: str = field(default="/proc", metadata={"check": _absolute, "doc": "procfs (the boot id: records belong to one boot)"})
+    run_root: str = field(default="/run", metadata={"check": _absolute, "doc": "where run_root/systemd/system says systemd is PID 1"})
+    systemctl: str = field(default="systemctl", metadata={"doc": "the systemctl asked for the system state (is-system-running)"})
 
 
 @dataclass
@@ -289,6 +292,7 @@ class DrainSection:
     margin: float = field(default=10.0, metadata={"min": 0, "doc": "seconds kept free before the deadline"})
     scheduled_window: float = field(default=900.0, metadata={"min": 0, "doc": "a scheduled stop/retirement due within this many seconds drains"})
     shutdown_budget: float = field(default=0.0, metadata={"min": 0, "doc": "SIGTERM budget, seconds; 0: the unit's TimeoutStopSec"})
+    on_sigterm: str = field(default="auto", metadata={"choices": ["auto", "drain", "exit"], "doc": "what SIGTERM/SIGINT does: auto drains only when systemd reports the system stopping"})
     rebalance: str = field(default="checkpoint", metadata={"choices": ["checkpoint", "drain", "none"], "doc": "what a rebalance recommendation does"})
     crash_consistent: bool = field(default=False, metadata={"doc": "snapshot all volumes at once with CreateSnapshots"})
     keep_snapshots: int = field(default=5, metadata={"min": 1, "doc": "snapshots kept per volume name"})

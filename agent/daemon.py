@@ -3,8 +3,19 @@
 The main thread only loops: it takes events and commands from one queue, pings the systemd watchdog
 and runs the supervisor's tick. Startup work (identity, volumes, restore, pre-warm) runs in its own
 thread, so a notice that arrives during a long pre-warm is still handled, and a hung startup step
-cannot starve the watchdog. Signals only enqueue: SIGTERM becomes the ``shutdown`` event, SIGHUP a
-reload.
+cannot starve the watchdog. Signals only enqueue: SIGHUP is a reload, SIGTERM and SIGINT a stop.
+
+A stop is not a termination. ``systemctl stop`` and ``restart`` send the same SIGTERM as a poweroff,
+so the daemon asks the host: only while systemd reports the system ``stopping`` (``[drain]
+on_sigterm = "auto"``) does a SIGTERM run the ``shutdown`` drain. At a poweroff the drain guard unit
+(spot-agent-drain.service, stopped only at shutdown and before the workloads) asks for that drain
+first, over the status socket (``spot-agent drain --shutdown``), and waits for it; the agent's own
+SIGTERM comes later, after the workloads stopped, and finds the termination drained. Outside systemd a
+SIGTERM or Ctrl-C just stops the agent (``spot-agent drain`` drains by hand).
+
+What the daemon remembers belongs to one boot (``[host] proc_root``'s boot id): latched notices, the
+hook kinds that ran, and "this termination was drained", which only ever suppresses a second drain of
+the same termination.
 """
 
 from __future__ import annotations
@@ -17,19 +28,26 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-from agent import __version__, metrics
+from agent import __version__, hostfacts, metrics
 from agent.clock import SYSTEM_CLOCK, Clock
 from agent.config import Config, ConfigError, load
 from agent.daemon_context import Context, build_context
-from agent.drain.freeze import boot_id
 from agent.events import MANUAL, SHUTDOWN, Event
-from agent.state import agent_dirs_problem, atomic_write
+from agent.hostfacts import HostFacts
+from agent.runner import Runner
+from agent.state import StateStore, agent_dirs_problem, atomic_write
 from agent.supervisor import Supervisor, shutdown_event
 from agent.systemd_notify import Notifier, watchdog_interval
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SHUTDOWN_BUDGET = 90.0
+IDLE_SCHEDULE = 5.0  # how often a checkpoint schedule with interval 0 looks whether a reload turned it on
+
+# What `systemctl reload` applies at once; every other changed key is named in the log and keeps its
+# old value until a restart (never half of each).
+LIVE_KEYS = ("hooks", "drain", "imds.poll_interval", "imds.slow_poll_interval", "metrics", "agent.log_level",
+             "checkpoints[].interval")
 
 
 class Daemon:
@@ -41,8 +59,12 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.queue: "queue.SimpleQueue[tuple]" = queue.SimpleQueue()
         self.ctx: Optional[Context] = None
+        self.host = HostFacts.from_config(config.host)
+        hostfacts.set_default(self.host)
+        self.state: Optional[StateStore] = None  # opened (and thawed from) before any network I/O
         self.supervisor = Supervisor(config, clock, on_change=self.changed)
         self.supervisor.on_drained = self._record_drained
+        self.supervisor.on_hooks = self._record_hooks
         self.started_at = clock.time()
         self.ready = threading.Event()
         self.startup_error = ""
@@ -145,10 +167,29 @@ class Daemon:
         signal.signal(signal.SIGINT, lambda s, f: self.queue.put(("signal", s)))
         signal.signal(signal.SIGHUP, lambda s, f: self.queue.put(("reload",)))
 
+    def _sigterm_drains(self) -> bool:
+        """Whether this SIGTERM/SIGINT is a termination: ``[drain] on_sigterm``; "auto" asks systemd."""
+        mode = self.config.drain.on_sigterm
+        if mode == "drain":
+            return True
+        if mode == "exit":
+            return False
+        return self.host.shutting_down()
+
+    def _shutdown_request(self) -> Dict[str, Any]:
+        """The drain guard's ExecStop (`spot-agent drain --shutdown`): drain now, the workloads still run.
+        Only a system that is shutting down drains: stopping the guard by hand does nothing."""
+        state = self.host.system_state()
+        if state != hostfacts.STOPPING and self.config.drain.on_sigterm != "drain":
+            return {"drain": "refused", "reason": f"the system is not shutting down (system state {state or 'unknown'!r})"}
+        self.queue.put(("shutdown-drain",))
+        return {"drain": "requested", "system_state": state}
+
     # -- the main loop ------------------------------------------------------------------------
     def run(self) -> int:
         os.makedirs(self.config.agent.state_dir, mode=0o700, exist_ok=True)
         metrics.set_state("starting")
+        self._thaw_first()
         self._start_servers()
         self.install_signals()
         self.notifier.status("starting")
@@ -172,12 +213,23 @@ class Daemon:
                     self.supervisor.dispatch(item[1])
                 elif kind == "reload":
                     self.reload()
-                elif kind == "signal" and not shutting_down:
-                    shutting_down = True
-                    self.notifier.stopping("draining before shutdown")
-                    log.warning("received %s: draining before exit", signal.Signals(item[1]).name,
+                elif kind == "shutdown-drain":
+                    log.warning("the system is shutting down: draining while the workloads still run",
                                 extra={"journal": {"EVENT_KIND": SHUTDOWN}})
                     self.supervisor.dispatch(shutdown_event(self.clock.time(), self.shutdown_budget))
+                elif kind == "signal" and not shutting_down:
+                    shutting_down = True
+                    name = signal.Signals(item[1]).name
+                    if self._sigterm_drains():
+                        self.notifier.stopping("draining before shutdown")
+                        log.warning("received %s: draining before exit", name,
+                                    extra={"journal": {"EVENT_KIND": SHUTDOWN}})
+                        self.supervisor.dispatch(shutdown_event(self.clock.time(), self.shutdown_budget))
+                    else:
+                        self.notifier.stopping("stopping (not a termination: no drain)")
+                        log.warning("received %s and the system is not shutting down (a unit stop or restart): "
+                                    "exiting without a drain; the workload keeps running%s", name,
+                                    "; waiting for the running drain first" if self.supervisor.draining else "")
                 elif kind == "exit":
                     exit_code = item[1]
                     break
@@ -210,19 +262,37 @@ class Daemon:
         self.submit(Event(MANUAL, "drain", deadline, "manual", now, {}))
 
     # -- servers ------------------------------------------------------------------------------
-    def _start_servers(self) -> None:
+    def _thaw_first(self) -> None:
+        """Thaw what a killed predecessor left frozen, before any network I/O: IMDS may be down (the
+        identity call retries forever) and writers on a frozen filesystem hang until thaw."""
+        from agent.drain.freeze import thaw_leftovers
+
+        self.state = StateStore(os.path.join(self.config.agent.state_dir, "state.json"))
+        try:
+            for mountpoint in thaw_leftovers(self.state, Runner(), self.host.boot_id()):
+                log.warning("thawed %s, left frozen by an earlier run", mountpoint)
+        except OSError as exc:
+            log.error("thawing filesystems left frozen: %s", exc)
+
+    def _metrics_server(self, section: Any) -> Any:
         from agent.http_server import MetricsServer
+
+        server = MetricsServer(section, self.alive, self.ready.is_set)
+        server.start()
+        return server
+
+    def _start_servers(self) -> None:
         from agent.status_socket import StatusServer
 
         if self.config.metrics.enabled:
             try:
-                self._http = MetricsServer(self.config.metrics, self.alive, self.ready.is_set)
-                self._http.start()
+                self._http = self._metrics_server(self.config.metrics)
             except OSError as exc:
                 log.error("metrics endpoint %s: %s (continuing without it)", self.config.metrics.listen, exc)
                 self._http = None
         try:
-            self._status_server = StatusServer(self.config.agent.socket, self.status)
+            self._status_server = StatusServer(self.config.agent.socket, self.status,
+                                               commands={"drain-shutdown": self._shutdown_request})
             self._status_server.start()
         except OSError as exc:
             log.error("status socket %s: %s (continuing without it)", self.config.agent.socket, exc)
@@ -242,7 +312,7 @@ class Daemon:
     def _startup_steps(self) -> None:
         cfg = self.config
         self.set_status("reading instance identity from IMDS")
-        ctx = build_context(cfg, self.clock, self.notifier)
+        ctx = build_context(cfg, self.clock, self.notifier, state=self.state)
         self.ctx = ctx
         if ctx.imds_disabled:
             self.imds_health = {"up": False, "disabled": True, "last_success": 0.0}
@@ -250,9 +320,12 @@ class Daemon:
         log.info("instance %s (%s) in %s", ctx.identity.instance_id or "?", ctx.identity.instance_type or "?",
                  ctx.identity.availability_zone or "?")
         drained = self._drained_this_boot(ctx)
+        hooks_run = self._hooks_this_boot(ctx)
         if drained:
             log.warning("this boot's termination (%s) was already drained by an earlier run; not draining again", drained)
-            self.supervisor.mark_drained(drained)
+            self.supervisor.mark_drained(drained, hooks_run)
+        elif hooks_run:
+            self.supervisor.hook_kinds = list(hooks_run)
         self._start_watchers(ctx)
         self._attach_drainer(ctx)
         if self.supervisor.drain_started.is_set():
@@ -291,9 +364,13 @@ class Daemon:
     def _start_watchers(self, ctx: Context) -> None:
         from agent.watchers.imds import IMDSWatcher
 
-        latched = ctx.state.get("watcher", {}).get("latched", [])
+        # Latches belong to a boot: a spot instance stopped and started again must see its next
+        # `stop` notice (same key) as new. A record without a boot id predates this rule: dropped.
+        boot = self.host.boot_id()
+        rec = ctx.state.get("watcher", {}) or {}
+        latched = rec.get("latched", []) if rec.get("boot_id") == boot else []
         watcher = IMDSWatcher(ctx.imds, self.config.imds, self.clock, latched=latched,
-                              on_latch=lambda keys: ctx.state.update("watcher", latched=keys),
+                              on_latch=lambda keys: ctx.state.update("watcher", latched=keys, boot_id=boot),
                               on_health=self._imds_health)
         watcher.start(self.submit)
         self.watchers.append(watcher)
@@ -311,20 +388,30 @@ class Daemon:
         for name, checkpoint_id in (getattr(report, "checkpoint_ids", None) or {}).items():
             self.last_checkpoint = {"name": name, "checkpoint_id": checkpoint_id, "committed_at": self._drain_finished_at}
         if self.ctx is not None:
-            self.ctx.state.update("termination", boot_id=boot_id(), kind=event.kind, at=self.clock.time())
+            self.ctx.state.update("termination", boot_id=self.host.boot_id(), kind=event.kind, key=event.key,
+                                  deadline=event.deadline, at=self.clock.time())
+
+    def _record_hooks(self, kinds: List[str]) -> None:
+        """Each terminal kind's hooks run once per boot, also across a restart of the agent."""
+        state = self.ctx.state if self.ctx is not None else self.state
+        if state is not None:
+            state.update("hooks_run", boot_id=self.host.boot_id(), kinds=list(kinds))
+
+    def _hooks_this_boot(self, ctx: Context) -> List[str]:
+        rec = ctx.state.get("hooks_run", {}) or {}
+        boot = self.host.boot_id()
+        return list(rec.get("kinds") or []) if boot and rec.get("boot_id") == boot else []
 
     def _drained_this_boot(self, ctx: Context) -> Optional[str]:
         rec = ctx.state.get("termination", {}) or {}
-        if rec.get("boot_id") and rec.get("boot_id") == boot_id():
+        boot = self.host.boot_id()
+        if boot and rec.get("boot_id") == boot:
             return rec.get("kind") or "?"
         return None
 
     def _attach_drainer(self, ctx: Context) -> None:
         from agent.drain.executor import Drainer
-        from agent.drain.freeze import thaw_leftovers
 
-        for mountpoint in thaw_leftovers(ctx.state, ctx.runner):
-            log.warning("thawed %s, left frozen by an earlier run", mountpoint)
         if self.config.volumes:
             from agent.volumes.manager import VolumeManager
 
@@ -337,7 +424,7 @@ class Daemon:
                                       for ck in self.config.checkpoints]
         mounted = self.volume_manager.mounted if self.volume_manager is not None else (lambda: {})
         drainer = Drainer(self.config, ctx.clients, ctx.identity, ctx.state, ctx.runner, self.clock,
-                          mounted, self.checkpoint_stores, progress=self.set_status)
+                          mounted, self.checkpoint_stores, progress=self.set_status, host=self.host)
         self.supervisor.drainer = drainer
         pending = drainer.pending_event()
         if pending is not None and not self.supervisor.drain_started.is_set():
@@ -420,14 +507,17 @@ class Daemon:
                                + "; ".join(result.error_messages[:3]))
 
     def _start_checkpoint_schedules(self) -> None:
+        # One loop per store even with interval 0: a reload may turn the schedule on (it reads
+        # ck.interval each round; reload sets it in place).
         for store, ck in zip(self.checkpoint_stores, self.config.checkpoints):
-            if ck.interval > 0:
-                threading.Thread(target=self._checkpoint_loop, args=(store, ck), name="checkpoint", daemon=True).start()
+            threading.Thread(target=self._checkpoint_loop, args=(store, ck), name="checkpoint", daemon=True).start()
 
     def _checkpoint_loop(self, store: Any, ck: Any) -> None:
-        while not self.clock.sleep(ck.interval, self._stop):
+        while not self.clock.sleep(ck.interval if ck.interval > 0 else IDLE_SCHEDULE, self._stop):
             if self.supervisor.drain_started.is_set():
                 return
+            if ck.interval <= 0:
+                continue
             try:
                 result = store.upload(reason="interval")
                 if result.committed:
@@ -439,6 +529,9 @@ class Daemon:
 
     # -- reload -------------------------------------------------------------------------------
     def reload(self) -> None:
+        """Re-read the config. Each changed key is either applied to every consumer (hooks, the drain
+        plan and workload, IMDS intervals, checkpoint intervals, the metrics listener, the log level)
+        or named as needing a restart and left at its old value."""
         self.notifier.reloading()
         try:
             new = load(self.config_path)
@@ -446,20 +539,90 @@ class Daemon:
             log.error("reload: keeping the old config: %s", exc.one_line())
             self.notifier.ready(self.status_line)
             return
-        changed = [name for name in ("hooks", "imds", "drain", "checkpoints", "datasets", "volumes", "metrics", "aws")
-                   if getattr(new, name) != getattr(self.config, name)]
-        restart_needed = [n for n in changed if n in ("volumes", "datasets", "checkpoints", "metrics", "aws")]
-        # Hooks, drain settings and IMDS timing apply at once; the rest needs a restart.
-        self.config.hooks = new.hooks
-        self.config.drain = new.drain
-        self.supervisor.config = self.config
-        if "imds" in changed and self.watchers:
-            w = self.watchers[0]
-            w.section.poll_interval = new.imds.poll_interval
-            w.section.slow_poll_interval = new.imds.slow_poll_interval
-        log.info("reloaded %s: %s%s", self.config_path, ", ".join(changed) or "no changes",
-                 f" ({', '.join(restart_needed)} take effect on restart)" if restart_needed else "")
+        applied, restart = [], []
+        for key in changed_keys(self.config, new):
+            if key in LIVE_KEYS or key.split(".")[0] in LIVE_KEYS or _pattern(key) in LIVE_KEYS:
+                applied.append(key)
+            else:
+                restart.append(key)
+        if any(k.split(".")[0] == "metrics" for k in applied) and not self._rebind_metrics(new.metrics):
+            applied = [k for k in applied if k.split(".")[0] != "metrics"]
+            restart += ["metrics"]
+        cfg = self.config
+        if "hooks" in applied:
+            cfg.hooks = new.hooks
+        if any(k.split(".")[0] == "drain" for k in applied):
+            cfg.drain = new.drain
+        for key in ("poll_interval", "slow_poll_interval"):
+            setattr(cfg.imds, key, getattr(new.imds, key))  # the watcher reads them each round
+        for old_ck, new_ck in zip(cfg.checkpoints, new.checkpoints):
+            if f"checkpoints[{cfg.checkpoints.index(old_ck)}].interval" in applied:
+                old_ck.interval = new_ck.interval
+        if "agent.log_level" in applied:
+            cfg.agent.log_level = new.agent.log_level
+            logging.getLogger().setLevel(new.agent.log_level.upper())
+        self.supervisor.config = cfg
+        if self.supervisor.drainer is not None and hasattr(self.supervisor.drainer, "reconfigure"):
+            self.supervisor.drainer.reconfigure()
+        log.info("reloaded %s: %s%s", self.config_path, ", ".join(_sections(applied)) or "no changes",
+                 f"; needs a restart, old value kept: {', '.join(restart)}" if restart else "")
         self.notifier.ready(self.status_line)
+
+    def _rebind_metrics(self, section: Any) -> bool:
+        """A changed [metrics]: a new listener, or the old one kept (and False) if it cannot bind."""
+        old = self._http
+        if old is not None:
+            old.stop()
+        try:
+            self._http = self._metrics_server(section) if section.enabled else None
+            self.config.metrics = section
+            return True
+        except OSError as exc:
+            log.error("reload: metrics endpoint %s: %s; keeping %s", section.listen, exc, self.config.metrics.listen)
+            self._http = None
+            if old is not None and self.config.metrics.enabled:
+                try:
+                    self._http = self._metrics_server(self.config.metrics)
+                except OSError as again:
+                    log.error("metrics endpoint %s: %s (continuing without it)", self.config.metrics.listen, again)
+            return False
+
+
+def changed_keys(old: Config, new: Config) -> List[str]:
+    """The dotted keys whose values differ ("hooks" and "drain" as wholes; list sections per entry
+    and key when their lengths match, else the whole list). Pure."""
+    from agent.config import to_dict
+
+    a, b = to_dict(old), to_dict(new)
+    out: List[str] = []
+    for section in a:
+        if a[section] == b.get(section):
+            continue
+        if section in ("hooks", "drain") or not isinstance(a[section], (dict, list)):
+            out.append(section)
+        elif isinstance(a[section], dict):
+            out += [f"{section}.{k}" for k in a[section] if a[section][k] != b[section].get(k)]
+        elif len(a[section]) != len(b[section]):
+            out.append(section)
+        else:
+            for i, (x, y) in enumerate(zip(a[section], b[section])):
+                out += [f"{section}[{i}].{k}" for k in x if x[k] != y.get(k)]
+    return out
+
+
+def _pattern(key: str) -> str:
+    import re
+
+    return re.sub(r"\[\d+\]", "[]", key)
+
+
+def _sections(keys: List[str]) -> List[str]:
+    seen: List[str] = []
+    for k in keys:
+        name = k if not k.startswith(("hooks", "drain")) else k.split(".")[0]
+        if name not in seen:
+            seen.append(name)
+    return seen
 
 
 def run(config_path: str) -> int:

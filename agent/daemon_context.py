@@ -72,12 +72,14 @@ def fetch_identity(client: IMDSClient, clock: Clock = SYSTEM_CLOCK, attempts: in
 
 
 def build_context(config: Config, clock: Clock = SYSTEM_CLOCK, notifier: Optional[Notifier] = None,
-                  identity_attempts: int = 0) -> Context:
+                  identity_attempts: int = 0, state: Optional[StateStore] = None) -> Context:
     """Build the context. An IMDS that answers 403 leaves the identity unknown but does not fail:
-    the agent can still drain on SIGTERM and upload checkpoints."""
+    the agent can still drain on SIGTERM and upload checkpoints. ``state``: the store the caller
+    already opened (the daemon thaws from it before any network I/O)."""
     notifier = notifier or Notifier()
     secure_dir(config.agent.state_dir)  # a user-writable state dir could plant drain records
-    state = StateStore(os.path.join(config.agent.state_dir, "state.json"))
+    if state is None:
+        state = StateStore(os.path.join(config.agent.state_dir, "state.json"))
     imds = make_imds_client(config, clock)
     disabled = False
     try:

@@ -42,9 +42,11 @@ class DaemonNotRunning(Exception):
 
 
 class StatusServer:
-    def __init__(self, path: str, provider: Callable[[], dict]) -> None:
+    def __init__(self, path: str, provider: Callable[[], dict],
+                 commands: Optional[Dict[str, Callable[[], dict]]] = None) -> None:
         self.path = path
         self.provider = provider
+        self.commands = dict(commands or {})  # other one-line requests (e.g. the drain guard's)
         self._sock: Optional[socket.socket] = None
         self._thread: Optional[threading.Thread] = None
         self._wake_r: Optional[int] = None
@@ -135,8 +137,14 @@ class StatusServer:
                 break
             request += chunk
         command = request.split(b"\n", 1)[0].strip().decode("ascii", "replace") or "status"
-        if command != "status":
-            body: Dict[str, Any] = {"error": f"unknown request {command[:40]!r}; send 'status'"}
+        if command in self.commands:
+            try:
+                body: Dict[str, Any] = self.commands[command]()
+            except Exception as exc:  # noqa: BLE001 - report it to the client rather than hang up
+                log.warning("status socket: request %s failed", command, exc_info=True)
+                body = {"error": f"{command} failed: {exc}"}
+        elif command != "status":
+            body = {"error": f"unknown request {command[:40]!r}; send 'status'"}
         else:
             try:
                 body = self.provider()
@@ -172,14 +180,14 @@ class StatusServer:
         self.stop()
 
 
-def query_socket(socket_path: str, timeout: float = 2.0) -> Dict[str, Any]:
+def query_socket(socket_path: str, timeout: float = 2.0, request: str = "status") -> Dict[str, Any]:
     """Ask the daemon; raises OSError when nothing answers, ValueError on an answer that is not JSON."""
     deadline = time.monotonic() + timeout
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
         sock.connect(socket_path)
-        sock.sendall(b"status\n")
+        sock.sendall(request.encode("ascii") + b"\n")
         chunks = []
         while True:
             left = deadline - time.monotonic()

@@ -1,8 +1,10 @@
 """The supervisor: each event in, a plan out, run off the main loop.
 
-- A terminal event (spot notice, ASG Terminated, SIGTERM, a manual drain, a scheduled stop or
-  retirement that is due) starts the drain, once per termination: later terminal events only tighten
-  the known deadline.
+- A terminal event (spot notice, ASG Terminated, the shutdown drain, a manual drain, a scheduled
+  stop or retirement that is due) starts the drain, once per termination. A later terminal event
+  brings its information to that one drain: its own hooks run (once per kind: the ASG's
+  ``Terminated`` a few seconds after the spot notice runs the ASG hooks), and an earlier deadline
+  re-plans the running drain (:meth:`Drainer.tighten`).
 - A rebalance recommendation runs its hooks and the early plan (by default a checkpoint upload or
   snapshot without stopping the workload).
 - A scheduled event that is not yet due runs its hooks and is kept; ``tick`` starts the drain when it
@@ -44,6 +46,10 @@ class Supervisor:
         self.drainer = drainer
         self.on_change = on_change or (lambda: None)
         self.on_drained: Optional[Callable[[Event, Any], None]] = None
+        # Kinds whose hooks ran (or were started) for this termination; persisted by the daemon so a
+        # restarted agent runs each kind's hooks once per boot.
+        self.hook_kinds: List[str] = []
+        self.on_hooks: Optional[Callable[[List[str]], None]] = None
         self.notices: Dict[str, Event] = {}
         self.pending_scheduled: Dict[str, Event] = {}
         self.terminal_event: Optional[Event] = None
@@ -140,23 +146,57 @@ class Supervisor:
                 log.exception("early plan for the rebalance recommendation failed")
         self.on_change()
 
-    def mark_drained(self, kind: str) -> None:
-        """This boot's termination was already drained by an earlier run of the agent: never again."""
+    def mark_drained(self, kind: str, hook_kinds: Optional[List[str]] = None) -> None:
+        """This boot's termination was already drained by an earlier run of the agent: never again.
+        ``hook_kinds``: the kinds whose hooks already ran for it (each kind's hooks run once)."""
         with self._lock:
             self.terminal_event = Event(kind, "", None, "earlier-run", self.clock.time(), {})
             self.drain_started.set()
             self.drain_done.set()
             self.drain_report = _HooksReport(kind, True, [])
+            self.hook_kinds = sorted(set(hook_kinds or []) | {kind})
         metrics.set_state("drained")
+
+    def _claim_hooks(self, kind: str) -> bool:
+        """True the first time ``kind``'s hooks are due for this termination."""
+        with self._lock:
+            if kind in self.hook_kinds:
+                return False
+            self.hook_kinds.append(kind)
+            kinds = list(self.hook_kinds)
+        if self.on_hooks is not None:
+            self.on_hooks(kinds)
+        return True
+
+    def _join_drain(self, event: Event) -> str:
+        """A terminal event after the drain started: its hooks (once per kind) and its deadline."""
+        running = not self.drain_done.is_set()
+        log.info("drain already %s for %s; %s noted", "running" if running else "done",
+                 self.terminal_event.kind if self.terminal_event else "?", event.kind)
+        if running and event.deadline is not None and self.drainer is not None and hasattr(self.drainer, "tighten"):
+            if self.drainer.tighten(event):
+                log.warning("%s moves the deadline to %s: the running drain is re-planned", event.kind,
+                            event.deadline_iso, extra={"journal": event_fields(event)})
+        if self._claim_hooks(event.kind):
+            left = event.seconds_left(self.clock.time())
+            if left is None and self.deadline is not None:
+                left = self.deadline - self.clock.time()
+            budget = None if left is None else max(1.0, left - self.config.drain.margin)
+            self._background(f"hooks-{event.kind}", lambda: run_hooks(self.config.hooks, event, budget))
+            return "hooks"
+        return "already-draining"
 
     def _start_drain(self, event: Event) -> str:
         with self._lock:
             if self.drain_started.is_set():
-                log.info("drain already %s for %s; %s noted", "done" if self.drain_done.is_set() else "running",
-                         self.terminal_event.kind if self.terminal_event else "?", event.kind)
-                return "already-draining"
-            self.terminal_event = event
-            self.drain_started.set()
+                joined = True
+            else:
+                joined = False
+                self.terminal_event = event
+                self.drain_started.set()
+        if joined:
+            return self._join_drain(event)
+        self._claim_hooks(event.kind)  # the drain's notify step runs this kind's hooks
         metrics.set_state("draining")
         self.on_change()
         self._drain_thread = threading.Thread(target=self._drain, args=(event,), name="drain", daemon=True)

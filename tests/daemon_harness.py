@@ -82,3 +82,38 @@ def wait_file(path: str, timeout: float = 10.0, contains: str = "") -> str:
                 return text
         time.sleep(0.05)
     raise AssertionError(f"{path} did not appear (with {contains!r}) within {timeout}s")
+
+
+class FakeHost:
+    """The host facts the daemon reads (``[host] proc_root``, ``run_root``, ``systemctl``): a boot id
+    file, the directory that says systemd is PID 1, and a `systemctl is-system-running` that answers
+    what the test sets. systemd cannot be PID 1 in this test process; the real thing runs in
+    tests/system/test_nspawn_boot.py."""
+
+    def __init__(self, root, systemd: bool = True) -> None:
+        self.root = os.path.join(str(root), "host")
+        self.proc = os.path.join(self.root, "proc")
+        self.run = os.path.join(self.root, "run")
+        os.makedirs(os.path.join(self.proc, "sys/kernel/random"), exist_ok=True)
+        os.makedirs(self.run, exist_ok=True)
+        if systemd:
+            os.makedirs(os.path.join(self.run, "systemd/system"), exist_ok=True)
+        self.state_file = os.path.join(self.root, "system-state")
+        self.systemctl = os.path.join(self.root, "systemctl")
+        with open(self.systemctl, "w") as fh:
+            fh.write(f'#!/bin/sh\n[ "$1" = is-system-running ] || exit 1\nstate=$(cat {self.state_file})\n'
+                     'echo "$state"\n[ "$state" = running ]\n')
+        os.chmod(self.systemctl, 0o755)
+        self.set_state("running")
+        self.set_boot("boot-1")
+
+    def set_state(self, state: str) -> None:
+        with open(self.state_file, "w") as fh:
+            fh.write(state + "\n")
+
+    def set_boot(self, boot: str) -> None:
+        with open(os.path.join(self.proc, "sys/kernel/random/boot_id"), "w") as fh:
+            fh.write(boot + "\n")
+
+    def toml(self) -> str:
+        return f'[host]\nproc_root = "{self.proc}"\nrun_root = "{self.run}"\nsystemctl = "{self.systemctl}"\n'

@@ -4,6 +4,11 @@ A drain by hand does what the daemon does on a notice: tell the workload, wait f
 snapshot and upload, complete the lifecycle action. A drain interrupted earlier (agent killed) is
 resumed first instead of starting a new one. It refuses to run next to a live daemon (both would write
 the same state file) unless --force.
+
+``--shutdown`` is the drain guard unit's ExecStop: it asks the running daemon for the shutdown drain
+over the status socket and waits until that drain has finished, so systemd stops the workloads only
+after it. The daemon drains only while systemd reports the system ``stopping``: stopping the guard
+by hand, or a package removal, drains nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ def register(sub):
                         "otherwise the shutdown budget)")
     p.add_argument("--json", action="store_true", help="print the report (or plan) as JSON")
     p.add_argument("--force", action="store_true", help="drain even though the daemon answers on its socket")
+    p.add_argument("--shutdown", action="store_true",
+                   help="ask the running daemon for the shutdown drain and wait for it (the drain guard's ExecStop; "
+                        "only while the system is shutting down)")
     p.set_defaults(func=run)
 
 
@@ -56,6 +64,8 @@ def run(args) -> int:
     except cfgmod.ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return EXIT_USAGE
+    if args.shutdown:
+        return _shutdown(cfg)
     now = time.time()
     event = _event(args, now)
     if args.dry_run:
@@ -106,6 +116,44 @@ def run(args) -> int:
         for name, cid in sorted(report.checkpoint_ids.items()):
             print(f"  checkpoint {name}: {cid}")
     return 0 if report.ok else EXIT_FAILED
+
+
+def _shutdown(cfg) -> int:
+    """Ask the daemon for the shutdown drain; wait while it runs. Exit 0 unless the drain failed:
+    a daemon that is not running has nothing to drain, and the shutdown must go on either way."""
+    import time
+
+    from agent.cli import EXIT_FAILED
+    from agent.status_socket import query_socket
+
+    sock = cfg.agent.socket
+    try:
+        answer = query_socket(sock, timeout=5.0, request="drain-shutdown")
+    except (OSError, ValueError) as exc:
+        print(f"spot-agent drain --shutdown: no daemon answers on {sock} ({exc}); nothing to drain")
+        return 0
+    if answer.get("drain") != "requested":
+        print(f"spot-agent drain --shutdown: not draining: {answer.get('reason') or answer}")
+        return 0
+    print(f"spot-agent drain --shutdown: the daemon is draining (system {answer.get('system_state') or '?'})",
+          flush=True)
+    status: dict = {}
+    seen_start = time.monotonic() + 5.0  # the request is queued: give the main loop a moment to start it
+    while True:
+        time.sleep(0.2)
+        try:
+            status = query_socket(sock, timeout=5.0)
+        except (OSError, ValueError):
+            print("spot-agent drain --shutdown: the daemon went away")
+            return 0
+        drain = status.get("drain") or {}
+        if drain.get("state") == "done" or (drain.get("state") == "none" and time.monotonic() > seen_start):
+            break
+    drain = status.get("drain") or {}
+    ok = drain.get("ok") is not False
+    print(f"spot-agent drain --shutdown: drain {drain.get('kind') or '?'} {'done' if ok else 'FAILED'}; "
+          "the workloads may stop now")
+    return 0 if ok else EXIT_FAILED
 
 
 def _dry_run(cfg, event, now: float, as_json: bool) -> int:

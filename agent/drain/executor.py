@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from agent import metrics
+from agent import hostfacts, metrics
 from agent.aws import Clients
 from agent.clock import Clock
 from agent.config import Config
@@ -33,6 +33,7 @@ from agent.drain.plan import (LIFECYCLE, NOTIFY, PERSIST_STEPS, RETENTION, RETEN
                               DrainReport, Plan, StepReport)
 from agent.drain.workload import Workload
 from agent.events import MESSAGE_IDS, Event
+from agent.hostfacts import HostFacts
 from agent.identity import InstanceIdentity
 from agent.runner import Runner
 from agent.schedulers import Schedulers
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 SECTION = "drain"
 FINAL = ("ok", "skipped", "cut", "failed")
+WAIT_SLICE = 0.5  # the wait step re-reads the deadline this often (a later notice may move it)
 
 __all__ = ["Drainer", "DrainReport", "StepReport", "thaw_leftovers"]
 
@@ -55,8 +57,10 @@ def _event_from(data: Dict[str, Any]) -> Event:
 class Drainer:
     def __init__(self, config: Config, clients: Clients, identity: InstanceIdentity, state: StateStore,
                  runner: Runner, clock: Clock, mounted: Callable[[], Dict[str, MountedVolume]],
-                 checkpoint_stores: List[Any], progress: Callable[[str], None] = lambda s: None) -> None:
+                 checkpoint_stores: List[Any], progress: Callable[[str], None] = lambda s: None,
+                 host: Optional[HostFacts] = None) -> None:
         self.config = config
+        self.host = host or hostfacts.default()
         self.clients = clients
         self.identity = identity
         self.state = state
@@ -65,9 +69,9 @@ class Drainer:
         self.mounted = mounted
         self.stores = list(checkpoint_stores)
         self.progress = progress
-        self.workload = Workload(config.drain.workload, config.hooks, runner, socket_path=config.agent.socket,
-                                 checkpoint_dirs=[c.dir for c in config.checkpoints])
-        self.workload.prepare()  # the unit's env file, the notice and ack directories
+        self.workload = self._new_workload()
+        self._tighter: Optional[Event] = None  # a later notice with an earlier deadline (tighten)
+        self._tighter_lock = threading.Lock()
         # Slurm/Ray on this node: detected and looked up now, never after the notice.
         self.schedulers = Schedulers(config, runner, state, clock, default_ray_name=getattr(identity, "local_ipv4", "") or "").prepare()
         self.shutdown_budget = self._read_shutdown_budget()
@@ -84,10 +88,32 @@ class Drainer:
             self.discover_lifecycle()
 
     # -- preparation (before any notice) -------------------------------------------------------------
+    def _new_workload(self) -> Workload:
+        """Built at start and again after a reload changed the workload or hooks (reconfigure)."""
+        config = self.config
+        self._workload_config = (config.drain.workload, list(config.hooks))
+        workload = Workload(config.drain.workload, config.hooks, self.runner, socket_path=config.agent.socket,
+                            checkpoint_dirs=[c.dir for c in config.checkpoints])
+        workload.prepare()  # the unit's env file, the notice and ack directories
+        return workload
+
+    def reconfigure(self) -> None:
+        """After a reload (the daemon rebinds ``config.hooks``/``config.drain``): everything built from
+        them is rebuilt, so the next drain's hooks, workload, budgets and lifecycle target all come
+        from the new config, never half from the old one."""
+        if (self.config.drain.workload, list(self.config.hooks)) != self._workload_config:
+            self.workload = self._new_workload()
+        self.shutdown_budget = self._read_shutdown_budget()
+        lcfg = self.config.drain.lifecycle
+        if (lcfg.group, lcfg.hook, lcfg.enabled) != getattr(self, "_lifecycle_config", None):
+            self._target, self._target_known = None, False
+            if lcfg.enabled:
+                threading.Thread(target=self.discover_lifecycle, name="lifecycle-discovery", daemon=True).start()
+
     def _read_shutdown_budget(self) -> float:
         if self.config.drain.shutdown_budget > 0:
             return self.config.drain.shutdown_budget
-        if os.path.isdir("/run/systemd/system"):
+        if self.host.under_systemd():
             res = self.runner.run(["systemctl", "show", "-p", "TimeoutStopUSec", "spot-agent.service"],
                                   timeout=5, check=False)
             seconds = parse_timeout_stop(res.stdout) if res.ok else None
@@ -100,6 +126,7 @@ class Drainer:
         if self._target_known:
             return self._target
         lcfg = self.config.drain.lifecycle
+        self._lifecycle_config = (lcfg.group, lcfg.hook, lcfg.enabled)
         try:
             self._target = lc.discover(self.clients.autoscaling, self.identity.instance_id, lcfg.group, lcfg.hook)
             self._target_known = True
@@ -138,7 +165,7 @@ class Drainer:
             # earlier boot (a stopped spot instance started again, or the "shutdown" key of the last
             # poweroff) is history: this termination drains afresh.
             if (rec and rec.get("key") == event.key and rec.get("finished")
-                    and (not rec.get("boot_id") or rec.get("boot_id") == boot_id())):
+                    and (not rec.get("boot_id") or rec.get("boot_id") == self.host.boot_id())):
                 return DrainReport.from_dict(rec["report"])
             if rec and not rec.get("finished"):
                 if rec.get("key") != event.key:
@@ -146,6 +173,35 @@ class Drainer:
                 return self._execute(rec, "run", resumed=True)
             rec = self._new_record(event, early=False)
             return self._execute(rec, "run", resumed=False)
+
+    def tighten(self, event: Event) -> bool:
+        """A later notice with an earlier deadline than the running drain's: the steps still ahead (and
+        the wait running now) are re-budgeted to it before they start. True when it is earlier."""
+        if event.deadline is None:
+            return False
+        with self._tighter_lock:
+            current = self._tighter.deadline if self._tighter is not None else None
+            rec = self._record()
+            planned = (rec or {}).get("plan", {}).get("deadline") if rec and not rec.get("finished") else None
+            known = min(d for d in (current, planned, float("inf")) if d is not None)
+            if event.deadline >= known:
+                return False
+            self._tighter = event
+        return True
+
+    def _apply_tighter(self, plan: Plan, rec: Dict[str, Any], slot: str) -> None:
+        with self._tighter_lock:
+            tighter = self._tighter
+        if slot != "run" or tighter is None or tighter.deadline is None or tighter.deadline >= plan.deadline:
+            return
+        old = plan.deadline
+        plan.deadline = tighter.deadline
+        plan.deadline_source = f"{tighter.kind} notice (re-planned)"
+        plan.notes.append(f"re-planned: {tighter.kind} moved the deadline {old - tighter.deadline:.1f} s earlier")
+        rec["plan"] = plan.to_dict()
+        self._save(slot, rec)
+        log.warning("drain re-planned: deadline %s (%s), %.1f s earlier", tighter.deadline_iso, tighter.kind,
+                    old - tighter.deadline, extra={"journal": {"EVENT_KIND": tighter.kind, "DRAIN_STEP": "plan"}})
 
     def early(self, event: Event) -> DrainReport:
         """The rebalance plan (``[drain] rebalance``): by default an early checkpoint, workload untouched.
@@ -174,7 +230,8 @@ class Drainer:
     def _abandon_if_stale(self, rec: Dict[str, Any]) -> bool:
         """A drain left unfinished by an earlier boot (the instance stopped or rebooted) is over: its
         notice is gone. Close it, so a new boot never completes an old lifecycle action."""
-        if not rec.get("boot_id") or not boot_id() or rec["boot_id"] == boot_id():
+        current = self.host.boot_id()
+        if not rec.get("boot_id") or not current or rec["boot_id"] == current:
             return False
         log.warning("a drain for %s was interrupted by a stop or reboot; not resuming it", rec.get("kind"))
         plan = Plan.from_dict(rec["plan"])
@@ -216,7 +273,7 @@ class Drainer:
         return {"key": event.key, "kind": event.kind, "event": event.to_dict(), "plan": plan.to_dict(),
                 "started": self.clock.time(), "steps": {}, "snapshots": {}, "snapshot_requested": {},
                 "checkpoint_ids": {}, "lifecycle_completed": False, "lifecycle_attempted": False,
-                "notified_at": None, "pid": None, "finished": False, "boot_id": boot_id()}
+                "notified_at": None, "pid": None, "finished": False, "boot_id": self.host.boot_id()}
 
     # -- execution -----------------------------------------------------------------------------------
     def _execute(self, rec: Dict[str, Any], slot: str, resumed: bool) -> DrainReport:
@@ -231,10 +288,13 @@ class Drainer:
         if life is not None and not life.structural_skip and not rec.get("lifecycle_completed") and self._target:
             beats = lc.Heartbeats(self.clients.autoscaling, self._target, self.identity.instance_id,
                                   self.config.drain.lifecycle.heartbeat_interval).start()
+        if slot == "run" and not resumed and (self.config.drain.workload, list(self.config.hooks)) != self._workload_config:
+            self.workload = self._new_workload()
         try:
             for step in plan.steps:
                 if step.name in done:
                     continue
+                self._apply_tighter(plan, rec, slot)
                 if slot == "early" and self._terminating.is_set():
                     rec["steps"][step.name] = {"state": "skipped", "seconds": 0.0,
                                                "reason": "a termination drain started"}
@@ -328,10 +388,18 @@ class Drainer:
                    interrupted: bool) -> Tuple[str, str]:
         conds = wait_conditions(self.config, event.kind)
         since = rec.get("notified_at") or rec.get("started") or self.clock.time()
-        t0 = time.monotonic()
-        res = self.workload.wait(conds, budget, since, rec.get("pid"))
+        # In slices, so a tighter deadline arriving meanwhile (tighten) cuts the wait it is in.
+        end = time.monotonic() + budget
+        while True:
+            left = end - time.monotonic()
+            res = self.workload.wait(conds, max(0.0, min(WAIT_SLICE, left)), since, rec.get("pid"))
+            if res.met or not res.pending or left <= WAIT_SLICE:
+                break  # met, cannot be met, or out of budget
+            self._apply_tighter(plan, rec, slot)
+            allowed = plan.budget_at(WAIT, self.clock.time(), {NOTIFY} | set(rec["steps"]) - {WAIT})
+            end = min(end, time.monotonic() + allowed)
         if self.schedulers.waits_for_commits():
-            met, note = self.schedulers.wait_commits(rec.get("scheduler", {}), budget - (time.monotonic() - t0), since)
+            met, note = self.schedulers.wait_commits(rec.get("scheduler", {}), max(0.0, end - time.monotonic()), since)
             res.met = res.met and met
             res.notes.append(note)
             if not met:
@@ -365,7 +433,7 @@ class Drainer:
         started = time.monotonic()
         self._notes = []
         targets, problems = self._snapshot_targets(plan)
-        notice = snaps.notice_tag(self.identity.instance_id, event.key)
+        notice = snaps.notice_tag(self.identity.instance_id, event.key, rec.get("boot_id", ""))
         run = self.config.agent.run or self.identity.instance_id
         description = f"spot-agent {event.kind} {event.key}"[:255]
         todo: List[MountedVolume] = []
@@ -396,12 +464,13 @@ class Drainer:
             return "failed", reason
         return "ok", reason
 
-    def _tags(self, mv_name: str, event: Event, run: str) -> Dict[str, str]:
-        return snaps.snapshot_tags(self.identity.instance_id, mv_name, run, event.kind, event.detected_at, event.key)
+    def _tags(self, mv_name: str, event: Event, run: str, boot: str) -> Dict[str, str]:
+        return snaps.snapshot_tags(self.identity.instance_id, mv_name, run, event.kind, event.detected_at, event.key,
+                                   boot)
 
     def _snapshot_one(self, mv: MountedVolume, event: Event, rec: Dict[str, Any], slot: str, run: str,
                       description: str, budget: float) -> List[str]:
-        tags = self._tags(mv.name, event, run)
+        tags = self._tags(mv.name, event, run, rec.get("boot_id", ""))
         rec["snapshot_requested"][mv.name] = True
         self._save(slot, rec)
         ec2 = self.clients.ec2
@@ -434,7 +503,7 @@ class Drainer:
         ours = [mv.volume_id for mv in todo]
         exclude = [v for v in snaps.attached_volume_ids(ec2, self.identity.instance_id) if v not in ours]
         per_volume = (snaps.TAG_VOLUME, snaps.TAG_VOLUME_NAME, "Name")
-        common = {k: v for k, v in self._tags("", event, run).items() if k not in per_volume}
+        common = {k: v for k, v in self._tags("", event, run, rec.get("boot_id", "")).items() if k not in per_volume}
         for mv in todo:
             rec["snapshot_requested"][mv.name] = True
         self._save(slot, rec)
@@ -457,7 +526,7 @@ class Drainer:
                 metrics.SNAPSHOT_FAILURES.labels(volume=mv.name).inc()
                 warnings.append(f"{mv.name}: CreateSnapshots returned no snapshot for {mv.volume_id}")
                 continue
-            tags = self._tags(mv.name, event, run)
+            tags = self._tags(mv.name, event, run, rec.get("boot_id", ""))
             snaps.tag(ec2, [sid], {k: tags[k] for k in per_volume})
             rec["snapshots"][mv.name] = sid
             metrics.SNAPSHOTS.labels(volume=mv.name).inc()

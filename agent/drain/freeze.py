@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from agent import hostfacts
 from agent.drain.crashpoint import crash_point
 from agent.runner import Runner
 from agent.state import StateStore
@@ -46,11 +47,8 @@ class FrozenCallResult:
 
 
 def boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as fh:
-            return fh.read().strip()
-    except OSError:
-        return ""
+    """This boot's id, read through the configured ``[host] proc_root`` (agent.hostfacts)."""
+    return hostfacts.default().boot_id()
 
 
 def _records(state: StateStore) -> Dict[str, Dict[str, Any]]:
@@ -73,16 +71,19 @@ def thaw(runner: Runner, mountpoint: str, attempts: int = 3) -> bool:
     return False
 
 
-def thaw_leftovers(state: StateStore, runner: Runner) -> List[str]:
+def thaw_leftovers(state: StateStore, runner: Runner, current: Optional[str] = None) -> List[str]:
     """Thaw every filesystem a previous agent process recorded as frozen; returns those thawed.
 
-    Call at startup before anything else. Records from another boot are dropped (a reboot thaws
-    everything), as are mount points that are no longer mounted.
+    Call at startup before anything else, and before any network I/O: writers on a frozen filesystem
+    hang in D state until thaw, so it must not wait for IMDS or AWS. (The unit's ExecStopPost=
+    runs `spot-agent thaw` too, so a SIGKILLed agent's freeze ends even before it is restarted.)
+    Records from another boot are dropped (a reboot thaws everything), as are mount points that are
+    no longer mounted. ``current``: this boot's id (default: read from the host).
     """
     records = _records(state)
     if not records:
         return []
-    current = boot_id()
+    current = boot_id() if current is None else current
     thawed: List[str] = []
     remaining: Dict[str, Dict[str, Any]] = {}
     for mountpoint, rec in records.items():

@@ -34,12 +34,16 @@ TAG_VOLUME_NAME = "spot-agent:volume-name"  # the volumes side's name key (agent
 TAG_PURPOSE = "spot-agent:purpose"
 
 
-def notice_tag(instance_id: str, key: str) -> str:
-    """A filter-safe value (no wildcards) naming one notice on one instance."""
-    return hashlib.sha256(f"{instance_id}\0{key}".encode()).hexdigest()[:32]
+def notice_tag(instance_id: str, key: str, boot: str = "") -> str:
+    """A filter-safe value (no wildcards) naming one notice on one instance in one boot: a stopped
+    and started instance sees the same notice key again, and its resumed drain must never adopt the
+    previous boot's snapshot."""
+    text = f"{instance_id}\0{key}" + (f"\0{boot}" if boot else "")
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def snapshot_tags(instance_id: str, volume: str, run: str, kind: str, notice_time: float, key: str) -> Dict[str, str]:
+def snapshot_tags(instance_id: str, volume: str, run: str, kind: str, notice_time: float, key: str,
+                  boot: str = "") -> Dict[str, str]:
     return {
         MANAGED: "true",
         TAG_VOLUME: volume,
@@ -49,7 +53,7 @@ def snapshot_tags(instance_id: str, volume: str, run: str, kind: str, notice_tim
         TAG_RUN: run or instance_id,
         TAG_KIND: kind,
         TAG_TIME: _dt.datetime.fromtimestamp(notice_time, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        TAG_NOTICE: notice_tag(instance_id, key),
+        TAG_NOTICE: notice_tag(instance_id, key, boot),
         "Name": f"{run or instance_id}/{volume}",
     }
 

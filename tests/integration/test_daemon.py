@@ -84,8 +84,10 @@ def test_spot_notice_runs_the_hook_with_the_deadline(agent, imds_sim, hook):
     assert [r[0] for r in lines(hook[1])] == ["spot-interruption"]
 
 
-def test_sigterm_is_the_shutdown_event(agent, hook):
-    a = agent(extra='[drain]\nshutdown_budget = 45\n')
+def test_sigterm_drains_when_the_config_asks(agent, hook):
+    # Outside systemd a SIGTERM only stops the agent unless [drain] on_sigterm = "drain" (a rehearsal);
+    # tests/integration/test_daemon_operators.py covers what SIGTERM means under systemd.
+    a = agent(extra='[drain]\nshutdown_budget = 45\non_sigterm = "drain"\n')
     a.wait_ready()
     before = time.time()
     a.signal(signal.SIGTERM)
@@ -148,7 +150,7 @@ def test_reload_applies_new_hooks_and_keeps_old_on_error(agent, imds_sim, hook, 
 
 def test_imds_disabled_at_start_is_reported_and_shutdown_still_works(agent, imds_sim, hook, tmp_path):
     imds_sim.control("fault", {"kind": "403"})
-    a = agent()
+    a = agent(extra='[drain]\non_sigterm = "drain"\n')
     a.wait_ready()
     assert "IMDS DISABLED" in " ".join(a.notify.lines)
     status = wait_file(str(tmp_path / "state" / "status.json"), contains='"disabled": true')
@@ -203,16 +205,18 @@ def test_cli_basics():
 
 
 def test_restarted_after_a_drain_does_not_drain_again_at_shutdown(agent, imds_sim, hook, tmp_path):
-    a = agent()
+    a = agent(extra='[drain]\non_sigterm = "drain"\n')
     a.wait_ready()
     imds_sim.control("spot", {"action": "terminate", "in": 60})
     wait_file(hook[1], contains="spot-interruption")
     wait_file(str(tmp_path / "state" / "status.json"), contains='"state": "drained"')
     a.proc.kill()  # e.g. systemd restarted it after the drain finished
     a.proc.wait()
-    b = agent()
+    b = agent(extra='[drain]\non_sigterm = "drain"\n')
     b.wait_ready()
     wait_file(str(tmp_path / "state" / "status.json"), contains='"state": "drained"')
     b.signal(signal.SIGTERM)
     assert b.wait_exit() == 0
-    assert [r[0] for r in lines(hook[1])] == ["spot-interruption"]
+    # The shutdown is the same termination: no second drain, only the shutdown kind's own hooks.
+    assert [r[0] for r in lines(hook[1])] == ["spot-interruption", "shutdown"]
+    assert "drain plan for" not in b.log()

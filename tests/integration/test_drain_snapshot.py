@@ -14,6 +14,7 @@ import time
 import pytest
 
 from agent.drain import snapshots as snaps
+from agent.drain.freeze import boot_id
 from agent.events import Event
 from agent.volumes.model import MountedVolume
 from tests.integration.drain_helpers import drain_env, writable  # noqa: F401
@@ -66,7 +67,7 @@ def test_frozen_during_the_call_and_thawed_after(drain_env):
     assert tags["spot-agent:volume"] == "ckpt"
     assert tags["spot-agent:instance-id"] == drain_env.identity.instance_id
     assert tags["spot-agent:notice-kind"] == "spot-interruption"
-    assert tags["spot-agent:notice-key"] == snaps.notice_tag(drain_env.identity.instance_id, "spot:1")
+    assert tags["spot-agent:notice-key"] == snaps.notice_tag(drain_env.identity.instance_id, "spot:1", boot_id())
     assert drain_env.frozen_records() == {}
 
 
@@ -104,7 +105,7 @@ def test_a_failing_call_still_thaws(drain_env):
 def test_a_snapshot_requested_before_a_crash_is_found_not_retaken(drain_env):
     cfg = drain_env.config(workload=NO_WORKLOAD)
     ev = spot(key="spot:found")
-    tags = snaps.snapshot_tags(drain_env.identity.instance_id, "ckpt", "", ev.kind, ev.detected_at, ev.key)
+    tags = snaps.snapshot_tags(drain_env.identity.instance_id, "ckpt", "", ev.kind, ev.detected_at, ev.key, boot_id())
     earlier = snaps.create_snapshot(drain_env.aws.ec2, drain_env.volume_id, tags, "before the crash")
     drainer = drain_env.drainer(cfg)
     # the state file says the snapshot step was running when the agent died

@@ -109,14 +109,26 @@ def test_no_private_mount_namespace(unit):
 
 
 def test_workload_is_gated_and_drained_first():
-    wl = directives(ROOT / "examples" / "workload.service")["Unit"]
-    assert "spot-agent.service" in wl["Requires"] and "spot-agent.service" in wl["After"]
+    d = directives(ROOT / "examples" / "workload.service")
+    wl = d["Unit"]
+    assert " ".join(wl["Wants"]).count("spot-agent.service") and "spot-agent.service" in wl["After"]
+    # Gated on the agent being active, but not Requires=/BindsTo=/PartOf=/Requisite=: those would
+    # stop or restart the job with every `systemctl stop/restart spot-agent`.
+    assert not {"Requires", "BindsTo", "PartOf", "Requisite"} & set(wl)
+    assert d["Service"]["ExecStartPre"] == ["/bin/systemctl is-active --quiet spot-agent.service"]
     # The drain guard is started after the workload, so systemd stops it (and drains) first.
     assert "spot-agent-drain.service" in wl["Before"]
     guard = directives(ROOT / "systemd" / "spot-agent-drain.service")
     assert guard["Service"]["ExecStop"] == ["/usr/libexec/spot-agent/drain-before-stop"]
     assert "spot-agent.service" in guard["Unit"]["After"]
+    # Only a shutdown stops the guard: a restart of the agent must not run its ExecStop.
+    assert not {"PartOf", "BindsTo", "Requires", "Requisite"} & set(guard["Unit"])
     assert int(guard["Service"]["TimeoutStopSec"][0]) <= 120
+
+
+def test_agent_unit_thaws_after_it_stops():
+    svc = directives(ROOT / "systemd" / "spot-agent.service")["Service"]
+    assert svc["ExecStopPost"] == ["/usr/bin/spot-agent thaw --config /etc/spot-agent/agent.toml"]
 
 
 def test_readme_records_the_security_score():

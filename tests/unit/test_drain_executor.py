@@ -166,15 +166,46 @@ def test_a_drain_records_every_step_and_runs_once(parts):
     assert len(parts[1].ec2.created) == 1 and len(asg.completed) == 1 and len(store.calls) == 1
 
 
-def test_a_finished_drain_of_an_earlier_boot_does_not_block_this_one(parts, monkeypatch):
-    import agent.drain.executor as executor
+@pytest.fixture
+def boot(tmp_path, monkeypatch):
+    """The host's boot id, through the [host] proc_root the agent reads it from."""
+    from agent import hostfacts
 
+    proc = tmp_path / "proc"
+    (proc / "sys/kernel/random").mkdir(parents=True)
+    monkeypatch.setattr(hostfacts, "_DEFAULT", hostfacts.HostFacts(proc_root=str(proc)))
+
+    def set_boot(value: str) -> None:
+        (proc / "sys/kernel/random/boot_id").write_text(value + "\n")
+
+    set_boot("boot-1")
+    return set_boot
+
+
+def test_a_finished_drain_of_an_earlier_boot_does_not_block_this_one(parts, boot):
     store = FakeStore("s3://b/ckpt/")
-    monkeypatch.setattr(executor, "boot_id", lambda: "boot-1")
     make(parts, [store]).run(spot(key="shutdown"))
-    monkeypatch.setattr(executor, "boot_id", lambda: "boot-2")  # the instance was stopped and started
+    boot("boot-2")  # the instance was stopped and started
     second = make(parts, [store]).run(spot(key="shutdown"))
     assert second.ok and len(parts[1].ec2.created) == 2 and len(store.calls) == 2
+
+
+def test_a_resumed_drain_never_adopts_an_earlier_boots_snapshot(parts, boot):
+    """The same notice key on the next boot (a spot `stop` notice after a stop and start): the snapshot
+    tag names the boot, so the find-before-create of a resumed drain does not take the old snapshot."""
+    store = FakeStore("s3://b/ckpt/")
+    make(parts, [store]).run(spot(key="spot:stop"))
+    assert [s["SnapshotId"] for s in parts[1].ec2.created] == ["snap-0000"]
+    boot("boot-2")
+    d = make(parts, [store])
+    rec = d._new_record(spot(key="spot:stop"), early=False)
+    rec["steps"] = {"notify": {"state": "skipped"}, "wait": {"state": "skipped"}, "snapshot": {"state": "running"}}
+    rec["snapshot_requested"] = {"ckpt": True}  # killed after the request was recorded, before it was sent
+    d._save("run", rec)
+    report = d.resume_if_pending()
+    assert report is not None and report.ok, report
+    assert report.snapshots == {"ckpt": "snap-0001"}
+    assert len(parts[1].ec2.created) == 2
 
 
 def test_a_failed_upload_still_completes_the_lifecycle_but_is_not_ok(parts):
