@@ -76,6 +76,7 @@ class Daemon:
         self.checkpoint_stores: List[Any] = []
         self.volume_manager: Any = None
         self.last_checkpoint: Optional[Dict[str, Any]] = None
+        self.restore_fallbacks: List[Dict[str, Any]] = []  # restores this boot that skipped unverifiable manifests
         self._drain_finished_at: Optional[float] = None
         self._stop = threading.Event()
         self._status_lock = threading.Lock()
@@ -137,6 +138,7 @@ class Daemon:
             "mounts": mounts,
             "datasets": list(self.datasets.values()),
             "last_checkpoint": self.last_checkpoint,
+            "restore_fallbacks": list(self.restore_fallbacks),
             "last_snapshot": last_snapshot,
             "drain": {"state": "none" if not sup.drain_started.is_set() else ("done" if sup.drain_done.is_set() else "running"),
                       "kind": sup.terminal_event.kind if sup.terminal_event else "",
@@ -460,6 +462,9 @@ class Daemon:
             if result.checkpoint_id:
                 self.last_checkpoint = {"dir": ck.dir, "s3": ck.s3, "checkpoint_id": result.checkpoint_id,
                                         "committed_at": None}
+            if result.rejected:  # fell back past manifests that did not verify (the store logged each)
+                self.restore_fallbacks.append({"dir": ck.dir, "s3": ck.s3, "checkpoint_id": result.checkpoint_id or None,
+                                               "rejected_manifests": list(result.rejected)})
         if not cfg.datasets:
             return
         from agent.transfer.datasets import sync_dataset

@@ -66,6 +66,8 @@ DATASET_PROGRESS = Gauge("spot_agent_dataset_progress_ratio", "Bytes done / byte
 CHECKPOINT_LAST_COMMIT = Gauge("spot_agent_checkpoint_last_commit_timestamp_seconds", "Last committed S3 checkpoint.", ["checkpoint"], registry=REGISTRY)
 CHECKPOINT_UPLOAD_BYTES = Counter("spot_agent_checkpoint_upload_bytes", "Bytes uploaded for checkpoints.", ["checkpoint"], registry=REGISTRY)
 CHECKPOINT_FAILURES = Counter("spot_agent_checkpoint_upload_failures", "Checkpoint uploads that did not commit.", ["checkpoint"], registry=REGISTRY)
+CHECKPOINT_RESTORE_FALLBACKS = Counter("spot_agent_checkpoint_restore_fallbacks", "Restores that skipped newer manifests that did not verify.",
+                                       ["checkpoint"], registry=REGISTRY)
 
 HOOK_RUNS = Counter("spot_agent_hook_runs", "Hook commands run.", ["hook"], registry=REGISTRY)
 HOOK_FAILURES = Counter("spot_agent_hook_failures", "Hook commands that failed or timed out.", ["hook"], registry=REGISTRY)

@@ -170,6 +170,13 @@ def render(status: Dict[str, Any], now: float, source: str = "socket") -> str:
     else:
         lines.append("checkpoint  none committed yet")
 
+    for fb in _list(status.get("restore_fallbacks")):
+        rejected = _list(fb.get("rejected_manifests"))
+        newest = rejected[0] if rejected else {}
+        lines.append(f"restore     {_text(fb.get('dir'))}: restored {_text(fb.get('checkpoint_id'), 'nothing')}; "
+                     f"{len(rejected)} newer manifest(s) did not verify (newest {_text(newest.get('id'))}: "
+                     f"{_text(newest.get('reason'))})")
+
     snap = status.get("last_snapshot")
     if isinstance(snap, dict) and snap:
         lines.append(f"snapshot    {_text(snap.get('snapshot_id'))} of {_text(snap.get('volume'))}, created {when(snap.get('created_at'), now)}")

@@ -16,6 +16,7 @@ manifest references (never anything else under the prefix).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import secrets
@@ -33,6 +34,8 @@ from agent.config import CheckpointSection, TransferSection
 from agent.state import StateStore
 from agent.transfer import checksums
 from agent.transfer.bandwidth import Limiter
+from agent.transfer.checkpoint_manifest import FORMAT, ID_RE, MAX_MANIFEST_BYTES, ManifestError, describe
+from agent.transfer.checkpoint_manifest import parse as parse_manifest
 from agent.transfer.download import Downloader, FileOutcome
 from agent.transfer.fastget import FastGetter
 from agent.transfer.keys import TEMP_PREFIX, key_to_relpath, split_s3_url
@@ -40,8 +43,8 @@ from agent.transfer.planner import Download
 from agent.transfer.scheduler import BoundedExecutor
 from agent.transfer.upload import LocalFile, UploadOutcome, Uploader
 
-FORMAT = "spot-agent-checkpoint/1"
-ID_RE = re.compile(r"^\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}$")
+log = logging.getLogger(__name__)
+
 MANIFEST_RESERVE = 2.0  # seconds kept for writing the manifest before a deadline
 
 
@@ -69,10 +72,17 @@ class RestoreResult:
     seconds: float = 0.0
     error: str = ""
     error_messages: List[str] = field(default_factory=list)
+    # Newer manifests skipped because they did not verify, newest first: [{"id": ..., "reason": ...}].
+    # Non-empty means this restore fell back to an older checkpoint (or found none that verifies).
+    rejected: List[Dict[str, str]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return self.restored
+
+    @property
+    def fell_back(self) -> bool:
+        return bool(self.rejected) and bool(self.checkpoint_id)
 
 
 def new_checkpoint_id(now: float) -> str:
@@ -150,6 +160,7 @@ class CheckpointStore:
         self._lock = threading.Lock()
         # Manifest ids retention must keep beyond the newest `keep` (set by agent/transfer/gang.py).
         self.protected: Callable[[], Set[str]] = set
+        self._logged_rejects: Dict[str, str] = {}
 
     # -- keys -------------------------------------------------------------------------------------
     def manifest_key(self, cid: str) -> str:
@@ -174,21 +185,43 @@ class CheckpointStore:
         return sorted(ids)
 
     def _read_manifest(self, cid: str) -> Optional[dict]:
+        """The validated manifest of ``cid``, or None when it is missing or does not verify."""
+        return self._load_manifest(cid)[0]
+
+    def _load_manifest(self, cid: str) -> Tuple[Optional[dict], str]:
+        """(validated manifest, "") or (None, why not). Never raises for what the object holds."""
         try:
-            body = self.s3.get_object(Bucket=self.bucket, Key=self.manifest_key(cid))["Body"].read()
-            doc = json.loads(body)
-        except (ClientError, ValueError):
-            return None
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("id") != cid or not isinstance(doc.get("files"), list):
-            return None
-        return doc
+            obj = self.s3.get_object(Bucket=self.bucket, Key=self.manifest_key(cid))
+            length = int(obj.get("ContentLength") or 0)
+            if length > MAX_MANIFEST_BYTES:
+                obj["Body"].close()
+                return None, f"manifest: {length} bytes; at most {MAX_MANIFEST_BYTES}"
+            body = obj["Body"].read(MAX_MANIFEST_BYTES + 1)
+        except ClientError as exc:
+            return None, f"cannot read it: {exc.response.get('Error', {}).get('Code', exc)}"
+        try:
+            return parse_manifest(body, cid), ""
+        except ManifestError as exc:
+            return None, describe(exc)
+
+    def _rejected(self, cid: str, reason: str) -> None:
+        if self._logged_rejects.get(cid) != reason:  # once per manifest and reason, not every interval
+            self._logged_rejects[cid] = reason
+            log.warning("checkpoint %s: manifest %s does not verify, skipped: %s", self.name, self.manifest_key(cid), reason)
+
+    def newest_verified(self) -> Tuple[Optional[dict], List[Dict[str, str]]]:
+        """The newest manifest that verifies, and the newer ones skipped on the way ({"id", "reason"})."""
+        skipped: List[Dict[str, str]] = []
+        for cid in reversed(self.committed_ids()):
+            doc, why = self._load_manifest(cid)
+            if doc is not None:
+                return doc, skipped
+            self._rejected(cid, why)
+            skipped.append({"id": cid, "reason": why})
+        return None, skipped
 
     def latest(self) -> Optional[dict]:
-        for cid in reversed(self.committed_ids()):
-            doc = self._read_manifest(cid)
-            if doc is not None:
-                return doc
-        return None
+        return self.newest_verified()[0]
 
     # -- upload + commit --------------------------------------------------------------------------
     def upload(self, deadline: Optional[float] = None, reason: str = "", settled: bool = False) -> CommitResult:
@@ -341,10 +374,27 @@ class CheckpointStore:
 
     # -- restore ----------------------------------------------------------------------------------
     def restore(self) -> RestoreResult:
-        doc = self.latest()
+        """Restore the newest committed checkpoint whose manifest verifies.
+
+        A newer manifest that does not verify (corrupt, truncated, hostile) is skipped with a warning
+        and counted; the result lists it in ``rejected`` and the restore falls back to the next one.
+        """
+        doc, rejected = self.newest_verified()
         if doc is None:
+            if rejected:
+                metrics.CHECKPOINT_RESTORE_FALLBACKS.labels(checkpoint=self.name).inc()
+                log.error("checkpoint %s: none of the %d manifests under %s verifies; nothing restored",
+                          self.name, len(rejected), self.ck.s3)
+                return RestoreResult(False, error=f"no committed checkpoint under {self.ck.s3} verifies "
+                                     f"(newest {rejected[0]['id']}: {rejected[0]['reason']})", rejected=rejected)
             return RestoreResult(False, error=f"no committed checkpoint under {self.ck.s3}")
-        return self.restore_doc(doc)
+        if rejected:
+            metrics.CHECKPOINT_RESTORE_FALLBACKS.labels(checkpoint=self.name).inc()
+            log.warning("checkpoint %s: restoring %s, an older checkpoint: %d newer manifest(s) did not verify (newest %s: %s)",
+                        self.name, doc["id"], len(rejected), rejected[0]["id"], rejected[0]["reason"])
+        res = self.restore_doc(doc)
+        res.rejected = rejected
+        return res
 
     def restore_doc(self, doc: dict) -> RestoreResult:
         """Restore the files of one committed manifest (a gang restores its shard at a chosen step)."""
