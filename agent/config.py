@@ -142,6 +142,8 @@ class VolumeSection:
                                 "doc": "name used in state, tags (spot-agent:volume-name), metrics and the CLI"})
     mount: str = field(metadata={"check": lambda v: _absolute(v) or (None if v != "/" else "must not be /"), "doc": "absolute mount point, created if missing"})
     fs: str = field(default="xfs", metadata={"choices": ["ext4", "xfs"], "doc": "filesystem made on a blank volume and expected on one with data"})
+    format_existing: str = field(default="never", metadata={"choices": ["never", "if-never-written"],
+                                 "doc": "a volume spot-agent did not create empty that shows no filesystem: never = refuse it; if-never-written = format it when its first and last MiB and 128 sampled blocks are all zeros"})
     volume_id: str = field(default="", metadata={"check": lambda v: None if not v or re.match(r"^vol-[0-9a-f]{8,17}$", v) else f"not a volume id: {v!r}", "doc": "source: this volume"})
     tags: Dict[str, str] = field(default_factory=dict, metadata={"doc": "source: an available volume with these tags in this AZ (in-use ones are ignored)"})
     snapshot_id: str = field(default="", metadata={"check": lambda v: None if not v or re.match(r"^snap-[0-9a-f]{8,17}$", v) else f"not a snapshot id: {v!r}", "doc": "source: a new volume made from this snapshot"})
@@ -191,6 +193,14 @@ class VolumeSection:
             out.append(("copy_across_az", f"only applies to volume_id or tags, not {named[0]}"))
         if self.instance_store and (self.read_only or self.multi_attach):
             out.append(("read_only" if self.read_only else "multi_attach", "instance_store scratch cannot be read-only"))
+        if self.format_existing != "never":
+            if self.read_only or self.multi_attach:
+                out.append(("format_existing", "a read-only or multi-attach volume is never formatted"))
+            elif named and named[0] not in ("volume_id", "tags"):
+                out.append(("format_existing", f"only applies to volume_id or tags, not {named[0]} "
+                                               f"(a volume from a snapshot is never formatted; one spot-agent creates empty always is)"))
+            elif not named:
+                out.append(("format_existing", "only applies to volume_id or tags (a volume spot-agent creates empty is always formatted)"))
         return out
 
 

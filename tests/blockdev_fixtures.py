@@ -125,6 +125,17 @@ def host(aws, blockdevs, instance, scratch_dir) -> Host:
     return Host(aws, blockdevs, instance, scratch_dir)
 
 
+def device_sha256(device: str) -> str:
+    """Hash of every byte of a device (or file): "untouched" means this did not change."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(device, "rb") as fh:
+        for block in iter(lambda: fh.read(4 * MiB), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def volume(name: str, mount: str, **kw: Any):
     """A VolumeSection built through the real config parser (so defaults and validation apply)."""
     from agent.config import Config, parse

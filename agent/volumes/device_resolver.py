@@ -78,6 +78,9 @@ def resolve(volume_id: str, tree: DeviceTree, attach_device: str = "") -> Resolu
     Order: the NVMe by-id symlink (its target's serial must match: stale symlinks happen), then any
     block device whose sysfs serial matches (no udev), then the Xen name of the attach device (Xen
     shows no volume id, so only when that device reports no NVMe serial at all).
+
+    Serials are always read under the *kernel* name of what a path resolves to: ``/dev/xvdf`` may be
+    a symlink (amazon-ec2-utils makes ``xvdf -> nvme2n1`` on Nitro), and sysfs only knows ``nvme2n1``.
     """
     serial = nvme_serial(volume_id)
     looked = [f"{tree.dev_root}/disk/by-id/{by_id_names(volume_id)[0]}", f"serial {serial} under block/*/device/serial"]
@@ -111,9 +114,15 @@ def resolve(volume_id: str, tree: DeviceTree, attach_device: str = "") -> Resolu
         looked.append(f"{tree.dev_root}/{xen}")
         node = tree.nodes.get(xen)
         if node and acceptable_path(node, tree.dev_root):
-            have = tree.serials.get(xen, "")
+            kernel = os.path.basename(node)
+            have = tree.serials.get(kernel, "")
             if have and have != serial:
-                return Resolution(device=node, refused=f"{node} has serial {have}, not {serial}", looked="; ".join(looked))
+                return Resolution(device=node, refused=f"{tree.dev_root}/{xen} is {node}, whose serial is {have}, not {serial}",
+                                  looked="; ".join(looked))
+            if not have and not kernel.startswith("xvd"):
+                # Only a Xen disk shows no serial; anything else without one is not known to be ours.
+                return Resolution(device=node, refused=f"{tree.dev_root}/{xen} is {node}, which is not a Xen disk and "
+                                                       f"reports no serial to match {serial}", looked="; ".join(looked))
             return Resolution(device=node, how="xen name")
     return Resolution(looked="; ".join(looked))
 

@@ -1,4 +1,4 @@
-"""Format (only a blank device), mount by UUID (idempotently), persist for reboots, and grow.
+"""Format (only what format_rule allows), mount by UUID (idempotently), persist for reboots, and grow.
 
 The pure parts (mountinfo parsing, mount options, fstab lines, mount-unit text and names, the growth
 decision) are functions of their inputs; the commands go through the injected Runner.
@@ -17,7 +17,10 @@ from agent.volumes.probe import ProbeResult
 
 MKFS = {
     # -K / nodiscard: a fresh EBS volume is already zero; discarding it only costs time.
-    # No -f / -F: mkfs itself refuses an existing filesystem, a second guard after the blank probe.
+    # No -f / -F, but that is NOT a guard to rely on: mkfs.xfs refuses a device with a signature it
+    # knows, whereas mke2fs only asks "Proceed anyway?" when stdin and stdout are terminals, and the
+    # agent's are not, so mkfs.ext4 overwrites whatever is there. What protects data is the rule in
+    # agent.volumes.format_rule, checked again under an O_EXCL hold just before this runs.
     "xfs": ["mkfs.xfs", "-q", "-K"],
     "ext4": ["mkfs.ext4", "-q", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1"],
 }
@@ -170,7 +173,8 @@ def needs_growth(device_bytes: int, fs_bytes: int) -> bool:
 
 
 def mkfs(device: str, fs: str, probe_result: ProbeResult, runner: Runner, label: str = "") -> None:
-    """Make a filesystem; only ever called with a probe that said blank."""
+    """Make a filesystem. Only ever called after format_rule.decide() said yes, with the blank probe
+    taken under the O_EXCL hold (probe.held_exclusively) a moment before: a last check of the pair."""
     if not probe_result.blank or probe_result.device != device:
         raise FilesystemError(f"refusing to format {device}: it holds {probe_result.describe()}")
     argv = list(MKFS[fs])

@@ -1,8 +1,9 @@
 """Bring the configured volumes up at boot (and down on request), recording each step in state.
 
 Order per EBS volume: find or create it (idempotently), attach it, wait for its block device, wait for
-it to settle, probe, format only if blank, grow ext4 offline, mount by UUID, grow XFS online, write
-fstab / mount unit, read every block if asked. Each volume's outcome is a :class:`VolumeResult`; the
+it to settle, probe, format only what :mod:`agent.volumes.format_rule` allows (checked again under an
+O_EXCL hold), grow ext4 offline, mount by UUID, grow XFS online, write fstab / mount unit, read every
+block if asked. Each volume's outcome is a :class:`VolumeResult`; the
 daemon holds READY until every required one is ``ok``.
 """
 
@@ -23,12 +24,13 @@ from agent.runner import Runner
 from agent.state import StateStore
 from agent.volumes import attach as A
 from agent.volumes import filesystem as F
+from agent.volumes import format_rule as FR
 from agent.volumes import instance_store as IS
 from agent.volumes import tags as T
 from agent.volumes.device_resolver import instance_store_disks, resolve, scan_tree
 from agent.volumes.initialize import initialize
 from agent.volumes.model import MountedVolume
-from agent.volumes.probe import ProbeError, probe, wait_settled
+from agent.volumes.probe import ProbeError, held_exclusively, probe, scan_written, wait_settled
 
 log = logging.getLogger(__name__)
 SECTION = "volumes"
@@ -231,7 +233,9 @@ class VolumeManager:
             try:
                 known = A.describe_volume(ec2, rec["volume_id"])
                 if known.get("State") in ("available", "in-use", "creating"):
-                    return A.wait_available(ec2, known["VolumeId"], self.clock, vol.attach_timeout)
+                    volume = A.wait_available(ec2, known["VolumeId"], self.clock, vol.attach_timeout)
+                    self._claim_pending_create(vol, volume)
+                    return volume
             except A.AttachError:
                 pass  # deleted since: find the source again
         if vol.volume_id:
@@ -287,7 +291,16 @@ class VolumeManager:
         choice = A.choose_tagged_volume(mine, self.identity.availability_zone, self.identity.instance_id, vol.multi_attach)
         return choice.volume
 
+    def _claim_pending_create(self, vol: VolumeSection, volume: Dict[str, Any]) -> bool:
+        """Record ``volume`` as created empty by us if our unfinished CreateVolume made it (a crash
+        came between the call and recording its answer, or this is the answer)."""
+        if not _made_by_pending_create(self.records().get(vol.name, {}), volume):
+            return False
+        self._save(vol.name, created_empty=volume["VolumeId"], creating=False, create_nonce="")
+        return True
+
     def _remember(self, vol: VolumeSection, volume: Dict[str, Any], created: bool) -> Dict[str, Any]:
+        self._claim_pending_create(vol, volume)
         self._save(vol.name, name=vol.name, volume_id=volume["VolumeId"], created=created, source=_source_key(vol),
                    az=volume.get("AvailabilityZone", ""), snapshot_id=volume.get("SnapshotId") or "")
         if volume.get("State") == "creating":
@@ -309,16 +322,26 @@ class VolumeManager:
         elif not size:
             raise VolumeError("needs create = { size_gib = ... } to create a volume")
         token = A.client_token(iid, vol.name, token_source)
-        self._save(vol.name, name=vol.name, client_token=token, creating=True)
+        # The licence to format is bound to this call: a random nonce, recorded before the call and tagged
+        # at creation. An idempotent replay of the token returns an older volume without it, and a crash
+        # after the call is recognised on restart by the tag (see _made_by_pending_create).
+        nonce = os.urandom(12).hex() if snapshot is None else ""
+        if nonce:
+            tags[T.CREATE_NONCE] = nonce
+        self._save(vol.name, name=vol.name, client_token=token, creating=True, create_nonce=nonce)
         vid = A.create_volume(
             self.clients.ec2, az, token, tags, size_gib=size,
             volume_type=spec.type if spec else "gp3", iops=spec.iops if spec else 0,
             throughput=spec.throughput if spec else 0, encrypted=spec.encrypted if spec else bool(snapshot and snapshot.get("Encrypted")),
             kms_key_id=spec.kms_key_id if spec else "", snapshot_id=snapshot["SnapshotId"] if snapshot else "")
         result.actions.append("created")
-        self._save(vol.name, volume_id=vid, created=True, creating=False, az=az, source=_source_key(vol),
+        self._save(vol.name, volume_id=vid, created=True, az=az, source=_source_key(vol),
                    snapshot_id=snapshot["SnapshotId"] if snapshot else "")
-        return A.wait_available(self.clients.ec2, vid, self.clock, vol.attach_timeout)
+        volume = A.wait_available(self.clients.ec2, vid, self.clock, vol.attach_timeout)
+        if not self._claim_pending_create(vol, volume):
+            # A from-snapshot volume, or the token's replay returned an older volume: no licence.
+            self._save(vol.name, creating=False, create_nonce="")
+        return volume
 
     def _other_az(self, vol: VolumeSection, volume: Dict[str, Any], result: VolumeResult, progress: Progress) -> Dict[str, Any]:
         vid, there, here = volume["VolumeId"], volume.get("AvailabilityZone"), self.identity.availability_zone
@@ -363,18 +386,24 @@ class VolumeManager:
         last = {}
 
         def check() -> Optional[str]:
+            # A refusal (a stale by-id link, a device with another serial) is not final: udev may still
+            # be moving the link to the device that is about to appear, so keep looking until the timeout.
             res = resolve(vid, scan_tree(self.host.dev_root, self.host.sys_root), attach_device)
             last["res"] = res
+            if res.refused and "refused" not in last:
+                progress(f"volume {vol.name}: not using what was found yet: {res.refused}; waiting for the right device")
             if res.refused:
-                raise A.AttachError(f"refusing the device found for {vid}: {res.refused}")
-            return res.device or None
+                last["refused"] = res.refused
+            return res.device if res.found else None
 
         try:
             return A.wait_until(check, "x", vol.attach_timeout, self.clock, initial=0.05, cap=1.0)
-        except A.AttachError as exc:
-            if "refusing" in str(exc):
-                raise
-            looked = last.get("res").looked if last.get("res") is not None else ""
+        except A.AttachError:
+            res = last.get("res")
+            if res is not None and res.refused:
+                raise VolumeError(f"refusing the device found for {vid}: {res.refused} "
+                                  f"(still so after waiting {vol.attach_timeout:g}s for the right device)") from None
+            looked = res.looked if res is not None else ""
             raise VolumeError(f"volume {vid} is attached as {attach_device} but no block device for it appeared "
                               f"within {vol.attach_timeout:g}s (looked for {looked})") from None
 
@@ -408,19 +437,36 @@ class VolumeManager:
         found = probe(device, runner)
         if found.pt_type:
             raise VolumeError(f"{device} ({vid or 'instance store'}) holds {found.describe()}; refusing to format or mount it")
+        licensed = bool(vid) and rec.get("created_empty") == vid and rec.get("formatted") != vid
         if found.blank:
             if already:
                 raise VolumeError(f"{vol.mount} has {device} mounted but the device probes blank")
-            if read_only or multi:
-                kind = "multi-attach" if multi else "read-only"
-                raise VolumeError(f"{device} ({vid}) is blank, and a {kind} volume is never formatted")
-            if from_snapshot:
-                raise VolumeError(f"{device} ({vid}) was created from a snapshot but shows no filesystem; refusing to format it")
-            progress(f"volume {vol.name}: formatting blank {device} as {vol.fs}")
-            F.mkfs(device, vol.fs, found, runner, label=vol.name)
+            facts = FR.FormatFacts(name=vol.name, device=device, volume_id=vid, blank=True, instance_store=vol.instance_store,
+                                   read_only=read_only, multi_attach=multi, from_snapshot=from_snapshot,
+                                   created_empty=licensed, policy=vol.format_existing)
+            decision = FR.decide(facts)
+            if not decision.format and not decision.needs_scan:
+                raise VolumeError(decision.reason)
+            with held_exclusively(device, dev) as fd:
+                again = probe(device, runner)
+                if not again.blank:
+                    raise VolumeError(f"volume {vol.name} ({vid or 'instance store'}) on {device} now holds {again.describe()}; "
+                                      f"refusing to format it")
+                if decision.needs_scan:
+                    decision = FR.decide(facts, scan_written(fd, size))
+                    if not decision.format:
+                        raise VolumeError(decision.reason)
+            progress(f"volume {vol.name}: formatting {device} as {vol.fs} ({decision.reason})")
+            F.mkfs(device, vol.fs, again, runner, label=vol.name)
             result.actions.append("formatted")
+            if vid:
+                self._save(vol.name, formatted=vid)
             found = probe(device, runner)
-        elif found.fs_type != vol.fs:
+        elif licensed:
+            self._save(vol.name, formatted=vid)  # formatted before a crash: the licence is spent
+        if found.blank:
+            raise VolumeError(f"{device} shows no filesystem after mkfs.{vol.fs}")
+        if found.fs_type != vol.fs:
             raise VolumeError(f"{device} ({vid or 'instance store'}) holds {found.describe()}, not {vol.fs} as configured; "
                               f"refusing to format or mount it")
         uuid = found.uuid
@@ -474,6 +520,15 @@ class VolumeManager:
         self._save(vol.name, mounted=True, uuid=uuid, options=options, **mv.to_dict())
         result.device = device
         metrics.MOUNTED_VOLUMES.set(vol.name, vol.mount, device)
+
+
+def _made_by_pending_create(rec: Dict[str, Any], volume: Dict[str, Any]) -> bool:
+    """Is ``volume`` the empty volume our recorded, unfinished CreateVolume made? Only the nonce
+    recorded before the call, found in the volume's own creation tags, says so."""
+    nonce = rec.get("create_nonce") or ""
+    if not nonce or not rec.get("creating") or volume.get("SnapshotId"):
+        return False
+    return T.as_dict(volume.get("Tags")).get(T.CREATE_NONCE) == nonce
 
 
 def _size(device: str) -> int:

@@ -1,20 +1,28 @@
-"""Is this device blank? A no-cache ``blkid -p`` probe after the device has settled.
+"""What is on this device? A no-cache ``blkid -p`` probe after the device has settled, the sampled
+"never written" read, and the exclusive hold taken just before mkfs.
 
-Why so careful: "blank" is the only licence to run mkfs. ``blkid`` exits 2 both for "nothing found"
-and for "no such device", so the path is checked to be a block device first; a device still coming
-up can read as empty, so we wait until its size is non-zero and stable before probing.
+Why so careful: a blank probe is necessary for mkfs but not sufficient (see
+:mod:`agent.volumes.format_rule`). ``blkid`` exits 2 both for "nothing found" and for "no such
+device", so the path is checked to be a block device first; a device still coming up can read as
+empty, so we wait until its size is non-zero and stable before probing. Right before mkfs the device
+is opened with ``O_EXCL``, which the kernel refuses while it is mounted or held by device-mapper, md
+or any other exclusive opener, and probed again under that hold.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
+import stat
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional
 
 from agent.clock import SYSTEM_CLOCK, Clock
 from agent.runner import Runner
 from agent.volumes.device_resolver import is_block_device
+from agent.volumes.format_rule import WrittenCheck, first_nonzero, sample_extents
 
 
 class ProbeError(RuntimeError):
@@ -113,3 +121,53 @@ def wait_settled(device: str, runner: Runner, clock: Clock = SYSTEM_CLOCK, timeo
         if clock.monotonic() >= deadline:
             raise ProbeError(f"{device} did not settle within {timeout:g}s ({why})")
         clock.sleep(interval)
+
+
+def scan_written(fd: int, size: int) -> WrittenCheck:
+    """Read :func:`sample_extents` of ``size`` bytes from ``fd``; stop at the first non-zero byte.
+
+    Any read error or short read is an answer of its own (never "never written")."""
+    done = 0
+    for off, length in sample_extents(size):
+        pos = off
+        while pos < off + length:
+            want = min(1024 * 1024, off + length - pos)
+            try:
+                data = os.pread(fd, want, pos)
+            except OSError as exc:
+                return WrittenCheck(False, bytes_read=done, error=f"offset {pos}: {exc.strerror or exc}")
+            if len(data) != want:
+                return WrittenCheck(False, bytes_read=done, error=f"short read at offset {pos}: {len(data)} of {want} bytes")
+            done += len(data)
+            idx = first_nonzero(data)
+            if idx >= 0:
+                return WrittenCheck(False, first_nonzero=pos + idx, bytes_read=done)
+            pos += want
+    return WrittenCheck(True, bytes_read=done)
+
+
+@contextlib.contextmanager
+def held_exclusively(device: str, expect: str = "") -> Iterator[int]:
+    """Open ``device`` with ``O_EXCL`` for the duration: no mount, device-mapper/md holder or other
+    exclusive opener can take it meanwhile, and one already there makes this fail (EBUSY).
+
+    ``expect`` ("major:minor") re-checks that the path still names the device that was probed. The
+    hold must be released before mkfs runs: mke2fs and mkfs.xfs open the device O_EXCL themselves.
+    """
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_EXCL | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise ProbeError(f"{device} is in use (mounted, or held by device-mapper, md or another program): "
+                             f"refusing to format it") from None
+        raise ProbeError(f"{device}: cannot open it exclusively to check it before mkfs: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISBLK(st.st_mode):
+            raise ProbeError(f"{device} is not a block device any more; refusing to format it")
+        got = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+        if expect and got != expect:
+            raise ProbeError(f"{device} is now device {got}, not the {expect} that was probed; refusing to format it")
+        yield fd
+    finally:
+        os.close(fd)

@@ -10,6 +10,7 @@ VOLUME_NAME = "spot-agent:volume-name"
 DRAIN_VOLUME = "spot-agent:volume"  # the drain's snapshots name their [[volumes]] entry with this key
 SOURCE = "spot-agent:source"  # digest of the [[volumes]] source it was made for (see manager._source_key)
 PURPOSE = "spot-agent:purpose"  # "volume", "copy-across-az", "checkpoint" (the drain's snapshots)
+CREATE_NONCE = "spot-agent:create-nonce"  # random per CreateVolume, also in the state: proves "this call made it"
 
 
 def ownership(instance_id: str, volume_name: str, purpose: str = "") -> Dict[str, str]:

@@ -69,7 +69,7 @@ class DrainEnv:
             f'[aws]\nendpoint_url = "{self.aws.url}"\nregion = "us-east-1"\n'
             f'[host]\ndev_root = "{self.host.sim.dev_root}"\nsys_root = "{self.host.sim.sys_root}"\n'
             f'fstab = "{self.root}/fstab"\nunit_dir = "{self.root}/units"\n'
-            f'[[volumes]]\nname = "ckpt"\nmount = "{self.mnt}"\nfs = "ext4"\nvolume_id = "{self.volume_id}"\n'
+            f'[[volumes]]\nname = "ckpt"\nmount = "{self.mnt}"\nfs = "ext4"\nvolume_id = "{self.volume_id}"\nformat_existing = "if-never-written"\n'
             f"{extra}\n"
             f"[drain.workload]\n{wl}"
         )
@@ -152,7 +152,8 @@ def drain_env(aws, blockdevs, scratch_dir):
     host = Host(aws, blockdevs, ident, scratch_dir)
     vid = aws.ec2.create_volume(AvailabilityZone="us-east-1a", Size=1, VolumeType="gp3")["VolumeId"]
     mnt = host.mnt("ckpt")
-    mgr = host.manager([volume("ckpt", mnt, fs="ext4", volume_id=vid)], state_name="state.json")
+    mgr = host.manager([volume("ckpt", mnt, fs="ext4", volume_id=vid, format_existing="if-never-written")],
+                       state_name="state.json")
     [res] = mgr.up()
     assert res.ok, res.error
     ckpt = os.path.join(mnt, "run")

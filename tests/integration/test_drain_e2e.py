@@ -62,6 +62,7 @@ name = "ckpt"
 mount = "{mnt}"
 fs = "ext4"
 volume_id = "{env["vid"]}"
+format_existing = "if-never-written"  # a blank volume made outside the agent
 [[checkpoints]]
 dir = "{mnt}/run"
 s3 = "s3://ckpt-bucket/train/"

@@ -42,7 +42,7 @@ def _cli(*args: str):
 def test_up_list_down_by_hand(host, imds):
     vid = host.aws.ec2.create_volume(AvailabilityZone=host.identity.availability_zone, Size=1)["VolumeId"]
     mnt = host.mnt("ckpt")
-    cfg = _config(host, imds, f'[[volumes]]\nname = "ckpt"\nmount = "{mnt}"\nfs = "ext4"\nvolume_id = "{vid}"\n'
+    cfg = _config(host, imds, f'[[volumes]]\nname = "ckpt"\nmount = "{mnt}"\nfs = "ext4"\nvolume_id = "{vid}"\nformat_existing = "if-never-written"\n'
                               f'[[volumes]]\nname = "scratch"\nmount = "{host.mnt("scratch")}"\ncreate = {{ size_gib = 1 }}\n')
     up = _cli("volumes", "up", "ckpt", "--config", cfg)
     assert up.returncode == 0, up.stdout + up.stderr

@@ -50,7 +50,7 @@ def _new_volume(host, size=1, **tags):
 def test_blank_volume_is_formatted_and_mounted(host, fs):
     vid = _new_volume(host)
     mnt = host.mnt("data")
-    mgr = host.manager([volume("data", mnt, fs=fs, volume_id=vid, fstab=True, mount_unit=True)])
+    mgr = host.manager([volume("data", mnt, fs=fs, volume_id=vid, fstab=True, mount_unit=True, format_existing="if-never-written")])
     progress = []
     [res] = mgr.up(progress=progress.append)
     assert res.ok, res.error
@@ -73,7 +73,7 @@ def test_blank_volume_is_formatted_and_mounted(host, fs):
 def test_volume_with_data_is_mounted_untouched(host, fs):
     vid = _new_volume(host)
     mnt = host.mnt("ckpt")
-    mgr = host.manager([volume("ckpt", mnt, fs=fs, volume_id=vid)])
+    mgr = host.manager([volume("ckpt", mnt, fs=fs, volume_id=vid, format_existing="if-never-written")])
     assert mgr.up()[0].ok
     os.makedirs(os.path.join(mnt, "run-42"))
     for i in range(5):
@@ -142,7 +142,7 @@ def test_device_that_never_appears_is_a_clear_timeout(host):
 def test_mounting_again_is_idempotent_and_another_source_is_an_error(host, loopdev):
     vid = _new_volume(host)
     mnt = host.mnt("data")
-    mgr = host.manager([volume("data", mnt, fs="xfs", volume_id=vid)])
+    mgr = host.manager([volume("data", mnt, fs="xfs", volume_id=vid, format_existing="if-never-written")])
     assert mgr.up()[0].ok
     [again] = mgr.up()
     assert again.ok and "mounted" not in again.actions and "attached" not in again.actions
@@ -153,7 +153,7 @@ def test_mounting_again_is_idempotent_and_another_source_is_an_error(host, loopd
     os.makedirs(mnt2)
     subprocess.run(["mount", other, mnt2], check=True)
     vid2 = _new_volume(host)
-    [res] = host.manager([volume("other", mnt2, fs="xfs", volume_id=vid2)], state_name="s3.json").up()
+    [res] = host.manager([volume("other", mnt2, fs="xfs", volume_id=vid2, format_existing="if-never-written")], state_name="s3.json").up()
     assert not res.ok and "already has" in res.error and other in res.error
 
 
@@ -191,7 +191,7 @@ def test_multi_attach_with_data_is_mounted_read_only(host, fs):
 def test_mounted_survives_a_restart_but_not_a_lost_mount(host):
     vid = _new_volume(host)
     mnt = host.mnt("data")
-    cfg = [volume("data", mnt, fs="ext4", volume_id=vid, delete_on_termination=True)]
+    cfg = [volume("data", mnt, fs="ext4", volume_id=vid, delete_on_termination=True, format_existing="if-never-written")]
     assert host.manager(cfg).up()[0].ok
     again = host.manager(cfg)  # a new process reading the same state
     assert list(again.mounted()) == ["data"] and again.mounted()["data"].volume_id == vid
@@ -206,9 +206,9 @@ def test_mounted_survives_a_restart_but_not_a_lost_mount(host):
 def test_several_volumes_attach_at_once_and_mount_parents_first(host):
     vids = [_new_volume(host) for _ in range(3)]
     outer, inner, other = host.mnt("a"), host.mnt("a") + "/b", host.mnt("c")
-    cfg = [volume("inner", inner, fs="ext4", volume_id=vids[0]),  # listed before its parent on purpose
-           volume("outer", outer, fs="xfs", volume_id=vids[1]),
-           volume("other", other, fs="ext4", volume_id=vids[2])]
+    cfg = [volume("inner", inner, fs="ext4", volume_id=vids[0], format_existing="if-never-written"),  # listed before its parent on purpose
+           volume("outer", outer, fs="xfs", volume_id=vids[1], format_existing="if-never-written"),
+           volume("other", other, fs="ext4", volume_id=vids[2], format_existing="if-never-written")]
     results = host.manager(cfg).up()
     assert [r.name for r in results] == ["inner", "outer", "other"]
     assert all(r.ok for r in results), [r.error for r in results]

@@ -79,7 +79,7 @@ def test_tags_find_the_available_volume_and_ignore_in_use_ones(host, aws):
     aws.ec2.attach_volume(VolumeId=busy, InstanceId=other, Device="/dev/sdf")
     wrong = aws.ec2.create_volume(AvailabilityZone=az, Size=1, TagSpecifications=_tags(Name="other"))["VolumeId"]
     right = aws.ec2.create_volume(AvailabilityZone=az, Size=1, TagSpecifications=_tags(Name="datasets"))["VolumeId"]
-    [res] = host.manager([volume("ds", host.mnt("ds"), tags={"Name": "datasets"})]).up()
+    [res] = host.manager([volume("ds", host.mnt("ds"), tags={"Name": "datasets"}, format_existing="if-never-written")]).up()
     assert res.ok, res.error
     assert res.volume_id == right and "created" not in res.actions
     assert wrong != right and busy != right
@@ -91,7 +91,7 @@ def test_tags_that_match_nothing_fail_clearly_without_create(host, aws):
     busy = aws.ec2.create_volume(AvailabilityZone=az, Size=1, TagSpecifications=_tags(Name="datasets"))["VolumeId"]
     aws.ec2.attach_volume(VolumeId=busy, InstanceId=other, Device="/dev/sdf")
     before = len(_all_volumes(host))
-    [res] = host.manager([volume("ds", host.mnt("ds"), tags={"Name": "datasets"})]).up()
+    [res] = host.manager([volume("ds", host.mnt("ds"), tags={"Name": "datasets"}, format_existing="if-never-written")]).up()
     assert not res.ok and "no available volume with tags {Name=datasets}" in res.error
     assert f"{busy} (in-use by {other})" in res.error and "create =" in res.error
     assert len(_all_volumes(host)) == before
@@ -101,7 +101,7 @@ def test_latest_snapshot_picks_the_newest_completed(host, aws):
     az = host.identity.availability_zone
     src = aws.ec2.create_volume(AvailabilityZone=az, Size=1)["VolumeId"]
     mnt = host.mnt("src")
-    mgr = host.manager([volume("src", mnt, fs="xfs", volume_id=src)])
+    mgr = host.manager([volume("src", mnt, fs="xfs", volume_id=src, format_existing="if-never-written")])
     assert mgr.up()[0].ok
     snaps = []
     base = dt.datetime(2024, 5, 1, tzinfo=dt.timezone.utc)
@@ -140,7 +140,7 @@ def test_latest_snapshot_none_found_fails_or_creates(host):
 def test_initialize_reads_every_block_and_reports_throughput(host, aws):
     az = host.identity.availability_zone
     src = aws.ec2.create_volume(AvailabilityZone=az, Size=1)["VolumeId"]
-    assert host.manager([volume("src", host.mnt("src"), fs="ext4", volume_id=src)]).up()[0].ok
+    assert host.manager([volume("src", host.mnt("src"), fs="ext4", volume_id=src, format_existing="if-never-written")]).up()[0].ok
     sid = aws.ec2.create_snapshot(VolumeId=src)["SnapshotId"]
     progress = []
     mgr = host.manager([volume("r", host.mnt("r"), fs="ext4", snapshot_id=sid, initialize=True)], state_name="s2.json")
@@ -189,7 +189,7 @@ def test_volume_in_another_az_is_an_error_or_copied(host, aws):
 def test_xfs_grows_online(host, aws):
     vid = aws.ec2.create_volume(AvailabilityZone=host.identity.availability_zone, Size=1)["VolumeId"]
     mnt = host.mnt("g")
-    mgr = host.manager([volume("g", mnt, fs="xfs", volume_id=vid)])
+    mgr = host.manager([volume("g", mnt, fs="xfs", volume_id=vid, format_existing="if-never-written")])
     assert mgr.up()[0].ok
     small = os.statvfs(mnt).f_blocks * os.statvfs(mnt).f_frsize
     aws.ec2.modify_volume(VolumeId=vid, Size=2)  # the sim grows the loop device (losetup -c)
@@ -203,7 +203,7 @@ def test_xfs_grows_online(host, aws):
 def test_ext4_grows_offline_and_online_growth_is_a_clear_warning(host, aws):
     vid = aws.ec2.create_volume(AvailabilityZone=host.identity.availability_zone, Size=1)["VolumeId"]
     mnt = host.mnt("g")
-    mgr = host.manager([volume("g", mnt, fs="ext4", volume_id=vid)])
+    mgr = host.manager([volume("g", mnt, fs="ext4", volume_id=vid, format_existing="if-never-written")])
     assert mgr.up()[0].ok
     _write(os.path.join(mnt, "keep"), "data")
     small = os.statvfs(mnt).f_blocks * os.statvfs(mnt).f_frsize
@@ -242,7 +242,7 @@ def test_instance_store_scratch(host):
 def test_optional_failure_is_reported_and_the_rest_comes_up(host, aws):
     good = aws.ec2.create_volume(AvailabilityZone=host.identity.availability_zone, Size=1)["VolumeId"]
     mgr = host.manager([volume("missing", host.mnt("m"), volume_id="vol-0123456789abcdef0", required=False),
-                        volume("good", host.mnt("g"), volume_id=good)])
+                        volume("good", host.mnt("g"), volume_id=good, format_existing="if-never-written")])
     bad, ok = mgr.up()
     assert not bad.ok and not bad.required and "vol-0123456789abcdef0 does not exist" in bad.error
     assert ok.ok and list(mgr.mounted()) == ["good"]
@@ -251,7 +251,7 @@ def test_optional_failure_is_reported_and_the_rest_comes_up(host, aws):
 def test_a_changed_source_is_not_satisfied_by_the_old_volume(host, aws):
     src = aws.ec2.create_volume(AvailabilityZone=host.identity.availability_zone, Size=1)["VolumeId"]
     mnt = host.mnt("src")
-    assert host.manager([volume("src", mnt, fs="ext4", volume_id=src)], state_name="src.json").up()[0].ok
+    assert host.manager([volume("src", mnt, fs="ext4", volume_id=src, format_existing="if-never-written")], state_name="src.json").up()[0].ok
     snaps = []
     for label in ("first", "second"):
         _write(os.path.join(mnt, "which"), label)

@@ -99,3 +99,18 @@ def test_instance_store_disks_by_model():
                      "nvme3n1": "Amazon EC2 NVMe Instance Storage"},
              nodes={"nvme1n1": "/dev/nvme1n1", "nvme2n1": "/dev/nvme2n1", "nvme3n1": "/dev/nvme3n1"})
     assert instance_store_disks(t) == ["/dev/nvme1n1", "/dev/nvme3n1"]
+
+
+def test_xen_name_that_is_a_symlink_reads_the_serial_of_its_kernel_name():
+    # /dev/xvdf -> nvme2n1 (amazon-ec2-utils makes such links on Nitro): sysfs knows only nvme2n1, whose
+    # serial is another volume's. Looking the serial up under "xvdf" found none and took somebody else's disk.
+    t = tree(nodes={"xvdf": "/dev/nvme2n1", "nvme2n1": "/dev/nvme2n1"}, serials={"nvme2n1": "vol0fffffffffffffff0"},
+             block_paths=("/dev/nvme2n1",))
+    r = resolve(VID, t, attach_device="/dev/sdf")
+    assert not r.found and "vol0fffffffffffffff0" in r.refused and "/dev/nvme2n1" in r.refused
+
+
+def test_xen_name_linked_to_a_non_xen_disk_without_a_serial_is_refused():
+    t = tree(nodes={"xvdf": "/dev/sda"}, block_paths=("/dev/sda",))
+    r = resolve(VID, t, attach_device="/dev/sdf")
+    assert not r.found and "not a Xen disk" in r.refused

@@ -73,3 +73,21 @@ required = false
     cfg = parse(text)
     assert [v.name for v in cfg.volumes] == ["datasets", "checkpoints", "scratch"]
     assert cfg.volumes[0].create.iops == 3000 and not cfg.volumes[0].delete_on_termination
+
+
+def test_format_existing_defaults_to_never_and_applies_only_where_it_can():
+    base = '[[volumes]]\nname = "a"\nmount = "/m"\n'
+    assert parse(base + VID).volumes[0].format_existing == "never"
+    for ok in (VID, 'tags = { Name = "w" }\n', 'tags = { Name = "w" }\ncreate = { size_gib = 1 }\n'):
+        assert parse(base + ok + 'format_existing = "if-never-written"\n').volumes[0].format_existing == "if-never-written"
+    assert problems(base + VID + 'format_existing = "always"\n') == [
+        "volumes[0].format_existing: 'always' is not one of never, if-never-written"]
+    assert problems(base + 'snapshot_id = "snap-0123456789abcdef0"\nformat_existing = "if-never-written"\n') == [
+        "volumes[0].format_existing: only applies to volume_id or tags, not snapshot_id (a volume from a snapshot "
+        "is never formatted; one spot-agent creates empty always is)"]
+    assert problems(base + VID + 'read_only = true\nformat_existing = "if-never-written"\n') == [
+        "volumes[0].format_existing: a read-only or multi-attach volume is never formatted"]
+    assert problems(base + 'create = { size_gib = 1 }\nformat_existing = "if-never-written"\n') == [
+        "volumes[0].format_existing: only applies to volume_id or tags (a volume spot-agent creates empty is always formatted)"]
+    assert problems(base + 'instance_store = true\nformat_existing = "if-never-written"\n')[0].startswith(
+        "volumes[0].format_existing: only applies to volume_id or tags, not instance_store")
