@@ -32,7 +32,7 @@ from botocore.exceptions import ClientError
 from agent import metrics
 from agent.config import CheckpointSection, TransferSection
 from agent.state import StateStore
-from agent.transfer import checksums
+from agent.transfer import checksums, safefs
 from agent.transfer.bandwidth import Limiter
 from agent.transfer.checkpoint_manifest import FORMAT, ID_RE, MAX_MANIFEST_BYTES, ManifestError, describe
 from agent.transfer.checkpoint_manifest import parse as parse_manifest
@@ -60,6 +60,7 @@ class CommitResult:
     uploaded: int = 0  # files uploaded by this call
     reused: int = 0  # files carried over from the previous checkpoint
     incomplete: List[str] = field(default_factory=list)  # files left out: still being written
+    refused: List[str] = field(default_factory=list)  # files left out for safety (hard links to others' files)
 
 
 @dataclass
@@ -131,19 +132,56 @@ def complete_files(root: str, files: List[LocalFile], settle: float, marker: str
     return done, pending
 
 
-def scan(root: str) -> List[LocalFile]:
+def owner_fields(f: LocalFile) -> Dict[str, int]:
+    """What a restore needs to give the file back to its owner (manifest fields uid, gid, mode)."""
+    return {"uid": f.uid, "gid": f.gid, "mode": f.mode}
+
+
+MAX_ID = 2 ** 32 - 2  # (uid_t)-1 means "leave unchanged" to chown: never a real owner
+
+
+def entry_owner(e: Any) -> Any:
+    """A manifest entry's (uid, gid, mode), None when it has none (a manifest from before they were
+    recorded: the restore gives such files the checkpoint dir's owner, mode 0644), or a reason string
+    when they are not valid."""
+    if not isinstance(e, dict) or not any(k in e for k in ("uid", "gid", "mode")):
+        return None
+    vals = []
+    for k, hi in (("uid", MAX_ID), ("gid", MAX_ID), ("mode", 0o7777)):
+        v = e.get(k)
+        if type(v) is not int or not 0 <= v <= hi:
+            return f"{k} must be an integer from 0 to {hi}, not {v!r}"
+        vals.append(v)
+    return vals[0], vals[1], vals[2]
+
+
+def scan(root: str, root_fd: Optional[int] = None, refused: Optional[List[str]] = None) -> List[LocalFile]:
+    """Every regular file below the checkpoint dir, walked relative to directory fds (``safefs``):
+    symlinks (to files or directories), sockets and fifos are not checkpoint data and are never
+    followed. A file with several hard links that the owner of its directory does not own (or in a
+    directory others can write) is left out and named in ``refused``: it may be a root-only file
+    linked in where fs.protected_hardlinks is off. Raises UnsafePath when ``root`` itself is a
+    symlink a user could have made; FileNotFoundError when it is missing."""
+    own = root_fd is None
+    fd = safefs.open_root(root, what="checkpoint dir") if root_fd is None else root_fd
     out: List[LocalFile] = []
-    for dirpath, dirs, names in os.walk(root):
-        dirs.sort()
-        for name in sorted(names):
-            if name.startswith(TEMP_PREFIX):
-                continue
-            full = os.path.join(dirpath, name)
-            st = os.lstat(full)
-            if not statmod.S_ISREG(st.st_mode):
-                continue  # symlinks, sockets, fifos are not checkpoint data
-            rel = os.path.relpath(full, root).replace(os.sep, "/")
-            out.append(LocalFile(rel, full, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+    try:
+        for rel, dfd, _dirs, others in safefs.walk(fd):
+            dst = os.fstat(dfd)
+            shared = dst.st_mode & 0o022
+            for name, st in others:
+                if name.startswith(TEMP_PREFIX) or not statmod.S_ISREG(st.st_mode):
+                    continue
+                path = f"{rel}/{name}" if rel else name
+                if st.st_nlink > 1 and (st.st_uid != dst.st_uid or shared):
+                    if refused is not None:
+                        refused.append(f"{path}: a hard link to a file owned by uid {st.st_uid}, not the directory's owner")
+                    continue
+                out.append(LocalFile(path, os.path.join(root, path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
+                                     st.st_dev, st.st_uid, st.st_gid, statmod.S_IMODE(st.st_mode)))
+    finally:
+        if own:
+            os.close(fd)
     return out
 
 
@@ -240,20 +278,35 @@ class CheckpointStore:
         return res
 
     def _upload(self, deadline: Optional[float], reason: str, settled: bool = False) -> CommitResult:
-        if not os.path.isdir(self.ck.dir):
-            return CommitResult(False, error=f"checkpoint dir {self.ck.dir} does not exist")
         try:
             checksums.new(self.transfer.checksum)
         except ValueError as exc:
             return CommitResult(False, error=str(exc))
+        try:
+            root_fd = safefs.open_root(self.ck.dir, what="checkpoint dir")
+        except FileNotFoundError:
+            return CommitResult(False, error=f"checkpoint dir {self.ck.dir} does not exist")
+        except (OSError, safefs.UnsafePath) as exc:
+            return CommitResult(False, error=str(exc) if isinstance(exc, safefs.UnsafePath) else f"checkpoint dir {self.ck.dir}: {exc.strerror}")
+        try:
+            return self._upload_from(root_fd, deadline, reason, settled)
+        finally:
+            os.close(root_fd)
+
+    def _upload_from(self, root_fd: int, deadline: Optional[float], reason: str, settled: bool) -> CommitResult:
         now = time.time()
+        refused: List[str] = []
+        try:
+            listed = scan(self.ck.dir, root_fd, refused)
+        except (OSError, safefs.UnsafePath) as exc:
+            return CommitResult(False, error=f"cannot list checkpoint dir {self.ck.dir}: {exc}")
         if settled:
-            files, incomplete = complete_files(self.ck.dir, scan(self.ck.dir), 0.0, "", now + 1.0)
+            files, incomplete = complete_files(self.ck.dir, listed, 0.0, "", now + 1.0)
         else:
-            files, incomplete = complete_files(self.ck.dir, scan(self.ck.dir), self.ck.settle, self.ck.marker, now)
+            files, incomplete = complete_files(self.ck.dir, listed, self.ck.settle, self.ck.marker, now)
         if not files:
             return CommitResult(False, error="nothing complete to upload" + (f" ({len(incomplete)} files still being written)" if incomplete else ""),
-                                incomplete=incomplete)
+                                incomplete=incomplete, refused=refused)
         try:
             previous = self.latest()
         except Exception as exc:  # noqa: BLE001 - a listing failure means we cannot commit safely either
@@ -266,10 +319,10 @@ class CheckpointStore:
             old = prev.get(f.path)
             if old and (old.get("size"), old.get("mtime_ns"), old.get("ctime_ns"), old.get("ino")) == (f.size, f.mtime_ns, f.ctime_ns, f.ino) \
                     and old.get("checksum", {}).get("algorithm") == self.transfer.checksum:
-                entries[f.path] = old
+                entries[f.path] = dict(old, **owner_fields(f))  # an older manifest may lack them
             else:
                 todo.append(f)
-        res = CommitResult(False, cid, incomplete=incomplete, reused=len(entries))
+        res = CommitResult(False, cid, incomplete=incomplete, reused=len(entries), refused=refused)
         need = sum(f.size for f in todo)
         rate = float(self.state.get("upload", {}).get("rate", 0.0))
         if deadline is not None and rate > 0 and time.time() + need / rate + MANIFEST_RESERVE > deadline:
@@ -285,7 +338,7 @@ class CheckpointStore:
                 done[0] += n
 
         up = Uploader(self.s3, self.bucket, self.transfer.checksum, self.transfer.part_size, self.transfer.multipart_threshold,
-                      Limiter(self.transfer.max_bandwidth, stop=stop), stop=stop, on_bytes=on_bytes)
+                      Limiter(self.transfer.max_bandwidth, stop=stop), stop=stop, on_bytes=on_bytes, root_fd=root_fd)
         pool = BoundedExecutor(self.transfer.concurrency, self.transfer.concurrency * 2, "checkpoint")
         errors: List[str] = []
         t_start = time.monotonic()
@@ -298,7 +351,7 @@ class CheckpointStore:
                     f = out.file
                     entries[f.path] = {"path": f.path, "size": f.size, "key": out.key[len(self.prefix):],
                                        "checksum": {"algorithm": self.transfer.checksum, "part_size": out.part_size, "parts": out.parts},
-                                       "mtime_ns": f.mtime_ns, "ctime_ns": f.ctime_ns, "ino": f.ino}
+                                       "mtime_ns": f.mtime_ns, "ctime_ns": f.ctime_ns, "ino": f.ino, **owner_fields(f)}
                     res.uploaded += 1
                 else:
                     errors.append(out.error)
@@ -340,6 +393,7 @@ class CheckpointStore:
             if errors:
                 stop.set()
             pool.shutdown()
+            up.close()
             for out in pool.drain():
                 handle(out)
             if errors:
@@ -400,11 +454,25 @@ class CheckpointStore:
         """Restore the files of one committed manifest (a gang restores its shard at a chosen step)."""
         t0 = time.monotonic()
         res = RestoreResult(False, doc["id"])
-        os.makedirs(self.ck.dir, exist_ok=True)
+        first = next((o for o in map(entry_owner, doc["files"]) if isinstance(o, tuple)), None)
+        try:
+            root_fd = safefs.open_root(self.ck.dir, create=True, owner=first[:2] if first else None, what="checkpoint dir")
+        except (OSError, safefs.UnsafePath) as exc:
+            res.error = str(exc) if isinstance(exc, safefs.UnsafePath) else f"checkpoint dir {self.ck.dir}: {exc.strerror}"
+            res.error_messages.append(res.error)
+            res.seconds = time.monotonic() - t0
+            return res
+        try:
+            return self._restore_into(root_fd, doc, res, t0)
+        finally:
+            os.close(root_fd)
+
+    def _restore_into(self, root_fd: int, doc: dict, res: RestoreResult, t0: float) -> RestoreResult:
         stop = threading.Event()
         dl = Downloader(self.s3, self.bucket, self.ck.dir, Limiter(self.transfer.max_bandwidth, stop=stop),
                         self.transfer.part_size, self.transfer.multipart_threshold, stop=stop,
-                        fast=FastGetter.create(self.s3, self.transfer.concurrency + 4) if self.transfer.engine == "auto" else None)
+                        fast=FastGetter.create(self.s3, self.transfer.concurrency + 4) if self.transfer.engine == "auto" else None,
+                        root_fd=root_fd, inherit_owner=True)
         pool = BoundedExecutor(self.transfer.concurrency, self.transfer.concurrency * 2, "restore")
 
         def handle(out: Any) -> None:
@@ -427,9 +495,13 @@ class CheckpointStore:
                 if verdict.path is None or verdict.path != e.get("path") or not str(e.get("key", "")).startswith("data/"):
                     res.error_messages.append(f"manifest entry {e.get('path')!r} refused: {verdict.reason or 'bad key'}")
                     continue
+                owner = entry_owner(e)
+                if isinstance(owner, str):
+                    res.error_messages.append(f"manifest entry {e.get('path')!r} refused: {owner}")
+                    continue
                 try:
                     item = Download(self.prefix + e["key"], verdict.path, int(e["size"]), "", True, "restore")
-                    job = dl.job(item, int(cs.get("part_size") or 0), list(cs.get("parts") or []), cs.get("algorithm", "sha256"))
+                    job = dl.job(item, int(cs.get("part_size") or 0), list(cs.get("parts") or []), cs.get("algorithm", "sha256"), owner)
                 except (KeyError, ValueError, TypeError) as exc:
                     res.error_messages.append(f"manifest entry {e.get('path')!r} refused: {exc}")
                     continue

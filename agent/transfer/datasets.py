@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
+import stat as statmod
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, List, Optional
 
 from agent.config import DatasetSection, TransferSection
+from agent.transfer import safefs
 from agent.transfer.bandwidth import Limiter
 from agent.transfer.download import Downloader, FileOutcome
 from agent.transfer.fastget import FastGetter
@@ -62,14 +63,13 @@ class SyncResult:
         return d
 
 
-def _lstat(dest: str) -> Callable[[str], Optional[LocalStat]]:
-    import stat as statmod
+def _lstat(root_fd: int) -> Callable[[str], Optional[LocalStat]]:
+    """What the planner sees of a local path: relative to the destination's fd, the last component
+    not followed. (Only decides skip or download; writes go through ``safefs`` and refuse links.)"""
 
     def stat(rel: str) -> Optional[LocalStat]:
         try:
-            st = os.lstat(os.path.join(dest, rel))
-        except (FileNotFoundError, NotADirectoryError):
-            return None
+            st = os.stat(rel, dir_fd=root_fd, follow_symlinks=False)
         except OSError:
             return None
         return LocalStat(st.st_size, st.st_mtime_ns, statmod.S_ISREG(st.st_mode))
@@ -84,15 +84,15 @@ def list_objects(s3: Any, bucket: str, prefix: str) -> Iterator[RemoteObject]:
             yield RemoteObject(obj["Key"], int(obj["Size"]), obj.get("ETag", ""))
 
 
-def _remove_leftover_temps(dest: str) -> int:
+def _remove_leftover_temps(root_fd: int) -> int:
     removed = 0
-    for root, dirs, files in os.walk(dest):
-        if root == dest and STATE_DIR_NAME in dirs:
+    for rel, dfd, dirs, others in safefs.walk(root_fd, same_dev=True):
+        if rel == "" and STATE_DIR_NAME in dirs:
             dirs.remove(STATE_DIR_NAME)
-        for name in files:
+        for name, _st in others:
             if name.startswith(TEMP_PREFIX):
                 try:
-                    os.unlink(os.path.join(root, name))
+                    os.unlink(name, dir_fd=dfd)
                     removed += 1
                 except OSError:
                     pass
@@ -128,11 +128,17 @@ def sync_dataset(s3: Any, ds: DatasetSection, transfer: TransferSection, state_d
         result.error(str(exc))
         return result
     try:
-        os.makedirs(dest, exist_ok=True)
+        root_fd = safefs.open_root(dest, create=True, what="dataset dest")
+    except (OSError, safefs.UnsafePath) as exc:
+        result.error(str(exc) if isinstance(exc, safefs.UnsafePath) else f"dataset dest {dest}: {exc.strerror}")
+        metrics.DATASET_ERRORS.labels(dataset=name).inc()
+        return result
+    try:
         mpath = manifest_path(state_dir, ds.source, dest)
         os.makedirs(os.path.dirname(mpath), exist_ok=True)
         lock = _Lock(mpath + ".lock")
     except (OSError, RuntimeError) as exc:
+        os.close(root_fd)
         result.error(f"{ds.dest}: {exc}")
         metrics.DATASET_ERRORS.labels(dataset=name).inc()
         return result
@@ -140,14 +146,15 @@ def sync_dataset(s3: Any, ds: DatasetSection, transfer: TransferSection, state_d
     try:
         clean = manifest.db.execute("SELECT value FROM meta WHERE name = 'clean'").fetchone()
         if clean is not None and clean[0] == "0":
-            _remove_leftover_temps(dest)  # the last run died mid-flight
+            _remove_leftover_temps(root_fd)  # the last run died mid-flight
         manifest.db.execute("INSERT OR REPLACE INTO meta VALUES ('clean', '0')")
-        _run(s3, ds, transfer, bucket, prefix, dest, manifest, result, progress, stop, t0)
+        _run(s3, ds, transfer, bucket, prefix, dest, root_fd, manifest, result, progress, stop, t0)
         if not result.stopped:
             manifest.db.execute("INSERT OR REPLACE INTO meta VALUES ('clean', '1')")
     finally:
         manifest.close()
         lock.release()
+        os.close(root_fd)
     result.seconds = time.monotonic() - t0
     metrics.DATASET_BYTES.labels(dataset=name).inc(result.bytes)
     metrics.DATASET_OBJECTS.labels(dataset=name).inc(result.files)
@@ -160,7 +167,7 @@ def sync_dataset(s3: Any, ds: DatasetSection, transfer: TransferSection, state_d
     return result
 
 
-def _run(s3: Any, ds: DatasetSection, transfer: TransferSection, bucket: str, prefix: str, dest: str,
+def _run(s3: Any, ds: DatasetSection, transfer: TransferSection, bucket: str, prefix: str, dest: str, root_fd: int,
          manifest: LocalManifest, result: SyncResult, progress: Optional[Callable[[SyncProgress], None]],
          stop: threading.Event, t0: float) -> None:
     from botocore.exceptions import BotoCoreError, ClientError
@@ -181,7 +188,7 @@ def _run(s3: Any, ds: DatasetSection, transfer: TransferSection, bucket: str, pr
     skipped_bytes = 0
     listing_ok = True
     try:
-        actions = plan(list_objects(s3, bucket, prefix), manifest.entries(), _lstat(dest), prefix,
+        actions = plan(list_objects(s3, bucket, prefix), manifest.entries(), _lstat(root_fd), prefix,
                        KeyFilter(ds.include, ds.exclude), lookup=manifest.lookup)
         for act in actions:
             if isinstance(act, Download):
@@ -237,7 +244,8 @@ def _run(s3: Any, ds: DatasetSection, transfer: TransferSection, bucket: str, pr
 
     # -- space check: a clear error up front instead of a thousand ENOSPCs -----------------------
     try:
-        free = shutil.disk_usage(dest).free
+        vfs = os.statvfs(root_fd)
+        free = vfs.f_bavail * vfs.f_frsize
     except OSError:
         free = -1
     if free >= 0 and need > free:
@@ -254,7 +262,8 @@ def _run(s3: Any, ds: DatasetSection, transfer: TransferSection, bucket: str, pr
 
     limiter = Limiter(transfer.max_bandwidth, stop=stop)
     fast = FastGetter.create(s3, transfer.concurrency + 4) if transfer.engine == "auto" else None
-    dl = Downloader(s3, bucket, dest, limiter, transfer.part_size, transfer.multipart_threshold, stop=stop, on_bytes=on_bytes, fast=fast)
+    dl = Downloader(s3, bucket, dest, limiter, transfer.part_size, transfer.multipart_threshold, stop=stop, on_bytes=on_bytes, fast=fast,
+                    root_fd=root_fd)
     dl.concurrency, dl.large_files = transfer.concurrency, large
     pool = BoundedExecutor(transfer.concurrency, transfer.concurrency * 2, "dataset")
     meter = RateMeter()
@@ -328,7 +337,7 @@ def _run(s3: Any, ds: DatasetSection, transfer: TransferSection, bucket: str, pr
         result.retries = dl.retries
     if fatal[0]:
         result.stopped = False  # a full disk is an error, not a stop request
-        _remove_leftover_temps(dest)
+        _remove_leftover_temps(root_fd)
         return
     if stop.is_set():
         result.stopped = True
@@ -337,30 +346,35 @@ def _run(s3: Any, ds: DatasetSection, transfer: TransferSection, bucket: str, pr
 
     # -- delete -------------------------------------------------------------------------------
     if ds.delete and result.errors == 0:
-        result.deleted = _delete_extraneous(dest, manifest, KeyFilter(ds.include, ds.exclude))
+        result.deleted = _delete_extraneous(root_fd, manifest, KeyFilter(ds.include, ds.exclude))
 
 
-def _delete_extraneous(dest: str, manifest: LocalManifest, key_filter: KeyFilter) -> int:
-    """Remove local files the listing did not have. Files outside include/exclude are out of scope."""
+def _delete_extraneous(root_fd: int, manifest: LocalManifest, key_filter: KeyFilter) -> int:
+    """Remove local files the listing did not have. Files outside include/exclude are out of scope.
+
+    Walks relative to directory fds (``safefs.walk``): a directory swapped for a symlink is never
+    entered, every unlink is relative to the fd of the directory that was listed, and another
+    filesystem mounted inside the destination is never entered (st_dev)."""
     deleted = 0
-    for root, dirs, files in os.walk(dest, topdown=False):
-        rel_root = os.path.relpath(root, dest)
-        rel_root = "" if rel_root == "." else rel_root.replace(os.sep, "/")
+    for rel_root, dfd, dirs, others in safefs.walk(root_fd, topdown=False, same_dev=True):
         if rel_root.split("/")[0] == STATE_DIR_NAME:
             continue
-        for fname in files:
+        for fname, _st in others:
             rel = f"{rel_root}/{fname}" if rel_root else fname
             if fname.startswith(TEMP_PREFIX) or not key_filter(rel):
                 continue
             if not manifest.is_remote(rel):
                 try:
-                    os.unlink(os.path.join(root, fname))
+                    os.unlink(fname, dir_fd=dfd)
                     deleted += 1
                 except OSError:
                     pass
-        if rel_root and not manifest.has_remote_under(rel_root):
+        for d in dirs:  # already emptied (bottom-up): remove it unless S3 still has files under it
+            rel = f"{rel_root}/{d}" if rel_root else d
+            if rel == STATE_DIR_NAME or manifest.has_remote_under(rel):
+                continue
             try:
-                os.rmdir(root)
+                os.rmdir(d, dir_fd=dfd)
             except OSError:
                 pass
     return deleted

@@ -2,7 +2,13 @@
 
 A reader of the destination sees the old file or the new one, never a partial one (rename is atomic
 within a filesystem, hence the temp file in the target directory). The temp name is derived from the
-target name, so a run that resumes after a crash overwrites its predecessor's leftovers.
+target name, so a run that resumes after a crash replaces its predecessor's leftovers.
+
+The destination belongs to the job, which may swap any name in it for a symlink at any time: every
+directory is opened (or created) relative to its parent's fd with O_NOFOLLOW (``safefs``), the temp
+file is created O_EXCL|O_NOFOLLOW in that directory fd (a planted link or hard link is unlinked, never
+written through), and the rename happens within the same directory fd. Nothing outside the tree the
+destination fd was opened on is ever written.
 
 Large objects are split into ranged GETs run in parallel, each writing at its offset (``pwrite``);
 the worker that finishes the last range verifies and renames. Every GET carries ``If-Match: <ETag>``,
@@ -25,8 +31,9 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Tuple
 
+from agent.transfer import safefs
 from agent.transfer.bandwidth import Limiter
-from agent.transfer.keys import TEMP_PREFIX, parent_dirs
+from agent.transfer.keys import TEMP_PREFIX
 from agent.transfer.planner import Download
 from agent.transfer.retry import backoff, is_transient
 
@@ -120,12 +127,18 @@ class _Job:
         self.temp = ""
         self.md5 = hashlib.md5() if len(chunks) == 1 else None
         self.verify_md5 = expect is None and plain_md5_etag(item.etag) is not None
+        self.parent_fd = -1  # the directory the temp file was created in (and is renamed within)
+        self.owner: Optional[Tuple[int, int, int]] = None  # (uid, gid, mode) to give the file, from a manifest
 
 
 class Downloader:
     def __init__(self, s3: Any, bucket: str, dest: str, limiter: Limiter, part_size: int, threshold: int,
                  attempts: int = 6, stop: Optional[threading.Event] = None,
-                 on_bytes: Optional[Callable[[int], None]] = None, fast: Any = None) -> None:
+                 on_bytes: Optional[Callable[[int], None]] = None, fast: Any = None,
+                 root_fd: int = -1, inherit_owner: bool = False) -> None:
+        """``root_fd``: ``dest`` opened by ``safefs.open_root`` (the caller keeps it open and closes
+        it); all writes happen below it. ``inherit_owner``: a file without an owner from the manifest
+        (and the directories made for it) gets the owner of ``dest`` instead of root."""
         self.s3 = s3
         self.fast = fast  # a FastGetter, or None for plain get_object
         self.bucket = bucket
@@ -136,21 +149,28 @@ class Downloader:
         self.attempts = attempts
         self.stop = stop or threading.Event()
         self.on_bytes = on_bytes or (lambda n: None)
-        self._dirs_ok: set = set()
-        self._dirs_lock = threading.Lock()
+        self.root_fd = root_fd
+        self.default_owner: Optional[Tuple[int, int]] = None
+        if inherit_owner:
+            st = os.fstat(root_fd)
+            self.default_owner = (st.st_uid, st.st_gid)
         self.retries = 0
         self.concurrency = 16  # set by the coordinator, with large_files, to size the ranges
         self.large_files = 1
 
     # -- planning a file into chunk tasks -------------------------------------------------------
-    def job(self, item: Download, part_size: int = 0, expect: Optional[List[str]] = None, algorithm: str = "sha256") -> _Job:
-        """``part_size``/``expect``: fetch in exactly these parts and check each part's checksum."""
+    def job(self, item: Download, part_size: int = 0, expect: Optional[List[str]] = None, algorithm: str = "sha256",
+            owner: Optional[Tuple[int, int, int]] = None) -> _Job:
+        """``part_size``/``expect``: fetch in exactly these parts and check each part's checksum.
+        ``owner``: (uid, gid, mode) the file (and directories created for it) are given."""
         if expect is not None:
             step = part_size or max(1, item.size)
             chunks = [(s, min(s + step, item.size) - 1) for s in range(0, item.size, step)] or [(0, -1)]
             if len(chunks) != len(expect):
                 raise ValueError(f"{item.key}: manifest lists {len(expect)} part checksums for {len(chunks)} parts")
-            return _Job(item, chunks, expect, algorithm)
+            job = _Job(item, chunks, expect, algorithm)
+            job.owner = owner
+            return job
         if item.size < self.threshold or item.size <= self.part_size:
             return _Job(item, [(0, item.size - 1)])
         step = range_size(item.size, self.part_size, self.concurrency, self.large_files)
@@ -201,54 +221,48 @@ class Downloader:
             return FileOutcome(job.item, False, error=f"{job.item.key}: {exc}")
 
     # -- the local side ---------------------------------------------------------------------
-    def _ensure_parent(self, rel: str) -> str:
-        """Create the parent directories, refusing symlinks and files in the way."""
-        for d in parent_dirs(rel):
-            if d in self._dirs_ok:
-                continue
-            full = os.path.join(self.dest, d)
-            try:
-                st = os.lstat(full)
-            except FileNotFoundError:
-                try:
-                    os.mkdir(full, 0o755)
-                except FileExistsError:
-                    pass
-                except OSError as exc:
-                    if exc.errno == errno.ENOSPC:
-                        raise DiskFull(f"no space left on the destination filesystem ({self.dest}) creating {d}/") from None
-                    raise LocalError(f"cannot create directory {d}/: {exc.strerror}") from None
-                st = os.lstat(full)
-            if statmod.S_ISLNK(st.st_mode):
-                raise LocalError(f"local path {d!r} is a symlink; refusing to write through it")
-            if not statmod.S_ISDIR(st.st_mode):
-                raise LocalError(f"file/directory conflict: local {d!r} is a file, so {rel!r} cannot be created under it")
-            with self._dirs_lock:
-                self._dirs_ok.add(d)
-        return os.path.join(self.dest, os.path.dirname(rel))
+    def _owner_of(self, job: _Job) -> Optional[Tuple[int, int]]:
+        if job.owner is not None:
+            return job.owner[0], job.owner[1]
+        return self.default_owner
+
+    def _open_parent(self, job: _Job) -> int:
+        """The file's directory as an fd, created (0755, the file's owner) where missing."""
+        head = job.item.path.rpartition("/")[0]
+        try:
+            return safefs.open_dirs(self.root_fd, head, create=True, mode=0o755, owner=self._owner_of(job))
+        except safefs.UnsafePath as exc:
+            raise LocalError(f"{exc}, so {job.item.path!r} cannot be created") from None
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(f"no space left on the destination filesystem ({self.dest}) creating {head}/") from None
+            raise LocalError(f"cannot create directory {head}/: {exc.strerror}") from None
 
     def _prepare(self, job: _Job) -> Optional[FileOutcome]:
         item = job.item
-        final = os.path.join(self.dest, item.path)
-        parent = self._ensure_parent(item.path)
+        name = item.path.rpartition("/")[2]
+        job.parent_fd = pfd = self._open_parent(job)
         try:
-            st = os.lstat(final)
+            st: Optional[os.stat_result] = os.lstat(name, dir_fd=pfd)
         except FileNotFoundError:
             st = None
         if st is not None and statmod.S_ISDIR(st.st_mode):
             raise LocalError(f"file/directory conflict: local {item.path!r} is a directory")
-        if item.verify and st is not None and statmod.S_ISREG(st.st_mode) and st.st_size == item.size and job.expect is not None:
-            if self._local_parts(final, job) == job.expect:
-                return FileOutcome(item, True, adopted=True, mtime_ns=os.lstat(final).st_mtime_ns)
-        elif item.verify and st is not None and statmod.S_ISREG(st.st_mode) and st.st_size == item.size:
-            want = plain_md5_etag(item.etag)
-            if want is not None and md5_file(final) == want:
-                return FileOutcome(item, True, adopted=True, mtime_ns=os.lstat(final).st_mtime_ns)
-        job.temp = os.path.join(parent, temp_name(item.path))
+        if item.verify and st is not None and statmod.S_ISREG(st.st_mode) and st.st_size == item.size:
+            adopted = self._adopt(job, pfd, name)
+            if adopted is not None:
+                return adopted
+        job.temp = temp_name(item.path)
         try:
-            job.fd = os.open(job.temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            os.unlink(job.temp, dir_fd=pfd)  # a crashed run's leftover, or a link the job planted
+        except FileNotFoundError:
+            pass
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
+            raise LocalError(f"cannot remove the old temp file in {os.path.dirname(item.path) or '.'}/: {exc.strerror}") from None
+        try:
+            job.fd = os.open(job.temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=pfd)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise DiskFull(f"no space left on the destination filesystem ({self.dest})") from None
             raise LocalError(f"cannot create a temp file in {os.path.dirname(item.path) or '.'}/: {exc.strerror}") from None
         job.prepared = True
@@ -262,26 +276,53 @@ class Downloader:
                     raise LocalError(f"cannot allocate {item.path}: {exc.strerror}") from None
         return None
 
+    def _adopt(self, job: _Job, pfd: int, name: str) -> Optional[FileOutcome]:
+        """The local file already holds the object's bytes (checked by hash, read through one fd)."""
+        try:
+            fd = os.open(name, safefs.O_READ, dir_fd=pfd)
+        except OSError:
+            return None  # swapped for a link, or gone: download it
+        try:
+            st = os.fstat(fd)
+            if not statmod.S_ISREG(st.st_mode) or st.st_size != job.item.size:
+                return None
+            if job.expect is not None:
+                same = self._local_parts(fd, job) == job.expect
+            else:
+                want = plain_md5_etag(job.item.etag)
+                same = want is not None and md5_file("", fd=fd) == want
+            if same and safefs.unchanged(fd, safefs.Identity.of(st)):
+                self._close_parent(job)
+                return FileOutcome(job.item, True, adopted=True, mtime_ns=st.st_mtime_ns)
+            return None
+        finally:
+            os.close(fd)
+
     @staticmethod
-    def _local_parts(path: str, job: _Job) -> List[str]:
+    def _local_parts(fd: int, job: _Job) -> List[str]:
         from agent.transfer import checksums
 
         out = []
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            for start, end in job.chunks:
-                h = checksums.new(job.algorithm)
-                off = start
-                while off <= end:
-                    buf = os.pread(fd, min(4 * 1024 * 1024, end - off + 1), off)
-                    if not buf:
-                        break
-                    h.update(buf)
-                    off += len(buf)
-                out.append(checksums.b64(h.digest()))
-        finally:
-            os.close(fd)
+        for start, end in job.chunks:
+            h = checksums.new(job.algorithm)
+            off = start
+            while off <= end:
+                buf = os.pread(fd, min(4 * 1024 * 1024, end - off + 1), off)
+                if not buf:
+                    break
+                h.update(buf)
+                off += len(buf)
+            out.append(checksums.b64(h.digest()))
         return out
+
+    @staticmethod
+    def _close_parent(job: _Job) -> None:
+        if job.parent_fd >= 0:
+            try:
+                os.close(job.parent_fd)
+            except OSError:
+                pass
+            job.parent_fd = -1
 
     def _discard(self, job: _Job) -> None:
         if job.fd >= 0:
@@ -290,32 +331,46 @@ class Downloader:
             except OSError:
                 pass
             job.fd = -1
-        if job.temp:
+        if job.temp and job.parent_fd >= 0:
             try:
-                os.unlink(job.temp)
+                os.unlink(job.temp, dir_fd=job.parent_fd)
             except OSError:
                 pass
+        self._close_parent(job)
 
     def _finish(self, job: _Job) -> FileOutcome:
         item = job.item
-        size = os.fstat(job.fd).st_size
-        if size != item.size:
-            raise RemoteError(f"size mismatch after download: {size} != {item.size}")
+        st = os.fstat(job.fd)
+        if st.st_size != item.size:
+            raise RemoteError(f"size mismatch after download: {st.st_size} != {item.size}")
         if job.verify_md5:
             want = plain_md5_etag(item.etag)
             got = job.md5.hexdigest() if job.md5 is not None else md5_file("", fd=job.fd)
             if got != want:
                 raise RemoteError(f"checksum mismatch: MD5 {got} != ETag {want}")
+        owner = self._owner_of(job)
+        try:
+            if owner is not None:
+                os.fchown(job.fd, owner[0], owner[1])
+            if job.owner is not None:
+                os.fchmod(job.fd, job.owner[2] & 0o777)  # never a setuid/setgid/sticky bit from a manifest
+        except OSError as exc:
+            raise LocalError(f"cannot set owner/mode: {exc.strerror}") from None
+        mtime_ns = os.fstat(job.fd).st_mtime_ns
         os.close(job.fd)
         job.fd = -1
-        final = os.path.join(self.dest, item.path)
+        name = item.path.rpartition("/")[2]
         try:
-            if os.path.isdir(final) and not os.path.islink(final):
-                raise LocalError(f"file/directory conflict: local {item.path!r} is a directory")
-            os.replace(job.temp, final)
+            try:
+                if statmod.S_ISDIR(os.lstat(name, dir_fd=job.parent_fd).st_mode):
+                    raise LocalError(f"file/directory conflict: local {item.path!r} is a directory")
+            except FileNotFoundError:
+                pass
+            os.rename(job.temp, name, src_dir_fd=job.parent_fd, dst_dir_fd=job.parent_fd)
         except OSError as exc:
             raise LocalError(f"cannot rename into place: {exc.strerror}") from None
-        return FileOutcome(item, True, mtime_ns=os.lstat(final).st_mtime_ns)
+        self._close_parent(job)
+        return FileOutcome(item, True, mtime_ns=mtime_ns)
 
     # -- the remote side --------------------------------------------------------------------
     def _fetch(self, job: _Job, start: int, end: int, ranged: bool) -> None:

@@ -2,8 +2,10 @@
 
 Small files: one PUT. Large files: a multipart upload whose parts run in parallel on the shared
 pool; the worker finishing the last part completes the upload, and any failed part aborts it, so no
-orphaned parts are left behind. The file is read in parts with ``pread``; its size and mtime are
-checked again after the last read, so a file modified while uploading is refused, not stored torn.
+orphaned parts are left behind. The file is opened once, relative to the checkpoint dir's fd and
+without following symlinks (``safefs.open_listed``), checked to be the inode the scan listed, and read
+in parts with ``pread`` from that one fd; its identity (dev, ino, size, mtime, ctime) is checked again
+after the last read, so a file modified or swapped while uploading is refused, not stored torn.
 The per-part checksums are returned for the manifest: restore fetches the same byte ranges and
 checks each one, in parallel, without a second pass over the file.
 """
@@ -15,7 +17,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
-from agent.transfer import checksums
+from agent.transfer import checksums, safefs
 from agent.transfer.bandwidth import Limiter
 from agent.transfer.retry import backoff, is_transient
 
@@ -32,6 +34,14 @@ class LocalFile:
     mtime_ns: int
     ctime_ns: int
     ino: int
+    dev: int = 0
+    uid: int = 0
+    gid: int = 0
+    mode: int = 0o644  # permission bits only
+
+    @property
+    def identity(self) -> safefs.Identity:
+        return safefs.Identity(self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns)
 
 
 @dataclass
@@ -58,12 +68,15 @@ class _FileUpload:
         self.remaining = n
         self.lock = threading.Lock()
         self.error = ""
+        self.fd = -1  # the one fd every part reads from
 
 
 class Uploader:
     def __init__(self, s3: Any, bucket: str, algorithm: str, part_size: int, threshold: int, limiter: Limiter,
                  attempts: int = 5, stop: Optional[threading.Event] = None,
-                 on_bytes: Optional[Callable[[int], None]] = None) -> None:
+                 on_bytes: Optional[Callable[[int], None]] = None, root_fd: int = -1) -> None:
+        """``root_fd``: the checkpoint directory, opened by ``safefs.open_root``; every file is opened
+        relative to it (the caller keeps it open until ``close``)."""
         if not checksums.available(algorithm):
             checksums.new(algorithm)  # raises the clear error
         self.s3 = s3
@@ -78,9 +91,18 @@ class Uploader:
         self.on_bytes = on_bytes or (lambda n: None)
         self.open_uploads: Dict[str, str] = {}  # key -> upload id, for abort on failure/deadline
         self._lock = threading.Lock()
+        self.root_fd = root_fd
+        self._open: Dict[int, _FileUpload] = {}  # id(job) -> job holding an fd, closed by close()
 
     def plan(self, f: LocalFile, key: str) -> _FileUpload:
         job = _FileUpload(f, key, self.part_size, f.size >= self.threshold and f.size > self.part_size)
+        try:
+            job.fd = safefs.open_listed(self.root_fd, f.path, f.identity)
+        except (OSError, safefs.UnsafePath) as exc:
+            job.error = f"not uploaded: {getattr(exc, 'strerror', None) or exc}"
+            return job  # every part reports the error; nothing was created in S3
+        with self._lock:
+            self._open[id(job)] = job
         if job.multipart:
             resp = self._call(self.s3.create_multipart_upload, Bucket=self.bucket, Key=key, ChecksumAlgorithm=self.s3_alg)
             job.upload_id = resp["UploadId"]
@@ -101,7 +123,7 @@ class Uploader:
             return None
         if not job.error:
             try:
-                self._check_unchanged(job.f)
+                self._check_unchanged(job)
                 if job.multipart:
                     self._call(self.s3.complete_multipart_upload, Bucket=self.bucket, Key=job.key, UploadId=job.upload_id,
                                MultipartUpload={"Parts": [{"PartNumber": i + 1, "ETag": e, f"Checksum{self.s3_alg}": c}
@@ -110,6 +132,7 @@ class Uploader:
                         self.open_uploads.pop(job.key, None)
             except Exception as exc:  # noqa: BLE001
                 job.error = str(exc)
+        self._close(job)
         if job.error:
             self.abort(job.key)
             return UploadOutcome(job.f, job.key, False, error=f"{job.f.path}: {job.error}")
@@ -130,21 +153,30 @@ class Uploader:
         for k in keys:
             self.abort(k)
 
+    def _close(self, job: _FileUpload) -> None:
+        with self._lock:
+            self._open.pop(id(job), None)
+            fd, job.fd = job.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def close(self) -> None:
+        """Close the fds of files whose parts never all ran (a stop or an error cut the upload short)."""
+        with self._lock:
+            jobs = list(self._open.values())
+        for job in jobs:
+            self._close(job)
+
     @staticmethod
-    def _check_unchanged(f: LocalFile) -> None:
-        st = os.stat(f.full)
-        if (st.st_size, st.st_mtime_ns, st.st_ino) != (f.size, f.mtime_ns, f.ino):
+    def _check_unchanged(job: _FileUpload) -> None:
+        if not safefs.unchanged(job.fd, job.f.identity):
             raise UploadError("the file changed while it was being uploaded")
 
     def _part(self, job: _FileUpload, index: int) -> None:
         if self.stop.is_set():
             raise UploadError("stopped")
         offset, length = job.ranges[index]
-        fd = os.open(job.f.full, os.O_RDONLY)
-        try:
-            data = os.pread(fd, length, offset) if length else b""
-        finally:
-            os.close(fd)
+        data = os.pread(job.fd, length, offset) if length else b""
         if len(data) != length:
             raise UploadError("the file shrank while it was being uploaded")
         self.limiter.consume(len(data))
