@@ -33,6 +33,32 @@ def local_aws():
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def strict_local_aws():
+    """One strict local AWS (agent.sim.strict, on the demo's shorter time scale) for the session."""
+    from agent.sim.localaws import LocalAWS
+    from agent.sim.strict import StrictSettings
+
+    server = LocalAWS(strict=True, settings=StrictSettings.fast()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def strict_aws(strict_local_aws):
+    """Fresh state on the strict local AWS (default fast settings again), and clients pointed at it."""
+    from agent.aws import make_clients
+    from agent.config import AWSSection
+    from agent.sim.strict import StrictSettings
+
+    strict_local_aws.reset()
+    strict_local_aws.strict.settings = StrictSettings.fast()
+    clients = make_clients(AWSSection(endpoint_url=strict_local_aws.url), "us-east-1")
+    clients.url = strict_local_aws.url  # type: ignore[attr-defined]
+    clients.server = strict_local_aws  # type: ignore[attr-defined]
+    return clients
+
+
 @pytest.fixture
 def aws(local_aws):
     """Fresh AWS state per test, and boto3 clients pointed at it."""

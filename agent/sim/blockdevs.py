@@ -11,7 +11,9 @@ process talking to moto over HTTP finds, formats and mounts real devices.
   wants more than 300 MB), or a sparse copy of the snapshot's file. ClientToken is honoured like AWS
   does (moto ignores it): the same token returns the same volume.
 - AttachVolume: ``losetup`` the file, build the by-id symlink, the sysfs entries and
-  ``<dev_root>/loopN`` (a symlink to /dev/loopN).
+  ``<dev_root>/loopN`` (a symlink to /dev/loopN). Under the strict local AWS (:func:`attach_delay`)
+  all of that happens only when the attachment reaches ``attached``, as on EC2: the device is not
+  there while the volume is ``attaching``.
 - CreateSnapshot / CopySnapshot: a synchronous sparse copy (``cp --reflink=auto --sparse=always``)
   inside the API call: the snapshot is the data at the moment the call returns. ``snapshot_delay``
   makes the call slow, and the copy is taken at the end of the delay, so a filesystem thawed while the
@@ -25,12 +27,13 @@ Root is needed (losetup). ``cleanup()`` detaches every loop device made here and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import shutil
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 from agent.runner import Runner
 
@@ -42,6 +45,31 @@ INSTANCE_STORE_MODEL = "Amazon EC2 NVMe Instance Storage"
 _ACTIVE: Optional["LocalBlockDevices"] = None
 _ORIGINALS: Dict[str, Any] = {}
 _TOKEN = threading.local()
+_REQUEST = threading.local()  # what the strict local AWS says about the call this thread is serving
+
+
+@contextlib.contextmanager
+def attach_delay(seconds: float) -> Iterator[None]:
+    """Within this block (one AttachVolume served by the strict local AWS, on this thread), the device
+    appears ``seconds`` after the call, when the attachment reaches ``attached``."""
+    _REQUEST.attach_delay = seconds
+    try:
+        yield
+    finally:
+        _REQUEST.attach_delay = 0.0
+
+
+def written_gib(volume_id: str) -> Optional[float]:
+    """GiB of data written on ``volume_id``'s backing file (its allocated blocks), or None when the
+    active host does not know the volume: what a snapshot's duration grows with."""
+    sim = _ACTIVE
+    if sim is None:
+        return None
+    try:
+        st = os.stat(sim.volume_file(volume_id))
+    except OSError:
+        return None
+    return st.st_blocks * 512 / sim.bytes_per_gib
 
 
 class LocalBlockDevices:
@@ -61,6 +89,8 @@ class LocalBlockDevices:
         self.loops: Dict[str, str] = {}  # volume id -> /dev/loopN
         self.extra_loops: List[str] = []  # instance-store disks
         self.tokens: Dict[str, str] = {}  # ClientToken -> volume id
+        self.pending_attach: Dict[str, threading.Timer] = {}  # volume id -> the timer that publishes it
+        self._closed = False
         self._lock = threading.RLock()
         for d in (root_dir, os.path.join(dev_root, "disk", "by-id"), os.path.join(sys_root, "block")):
             os.makedirs(d, exist_ok=True)
@@ -174,16 +204,35 @@ class LocalBlockDevices:
             return
         if device_path and device_path == root_device:
             return  # the instance's root volume: the host's own disk, not ours to model
+        delay = float(getattr(_REQUEST, "attach_delay", 0.0) or 0.0)
+        if delay > 0:
+            timer = threading.Timer(delay, self._attached, (volume.id, volume.size))
+            timer.daemon = True
+            with self._lock:
+                old = self.pending_attach.pop(volume.id, None)
+                if old is not None:
+                    old.cancel()
+                self.pending_attach[volume.id] = timer
+            timer.start()
+            return
+        self._attached(volume.id, volume.size)
+
+    def _attached(self, volume_id: str, size_gib: int) -> None:
+        """The attachment reached ``attached``: the device appears."""
         with self._lock:
-            if volume.id in self.loops:
+            self.pending_attach.pop(volume_id, None)
+            if volume_id in self.loops or self._closed:
                 return
-            path = self._ensure_file(volume.id, volume.size)
+            path = self._ensure_file(volume_id, size_gib)
             loop = self._losetup(path)
-            self.loops[volume.id] = loop
-            self._publish(loop, volume.id.replace("-", "", 1), EBS_MODEL, self.by_id_name(volume.id))
+            self.loops[volume_id] = loop
+            self._publish(loop, volume_id.replace("-", "", 1), EBS_MODEL, self.by_id_name(volume_id))
 
     def after_detach(self, volume_id: str) -> None:
         with self._lock:
+            timer = self.pending_attach.pop(volume_id, None)
+            if timer is not None:
+                timer.cancel()
             loop = self.loops.pop(volume_id, None)
             if loop:
                 self._unpublish(loop, self.by_id_name(volume_id))
@@ -248,6 +297,10 @@ class LocalBlockDevices:
         """Detach every loop device made here (lazily if still mounted) and remove the trees."""
         self.uninstall()
         with self._lock:
+            self._closed = True
+            for timer in self.pending_attach.values():
+                timer.cancel()
+            self.pending_attach.clear()
             for vid, loop in list(self.loops.items()):
                 self._unpublish(loop, self.by_id_name(vid))
                 self._detach_loop(loop)
