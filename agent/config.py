@@ -84,7 +84,7 @@ class AWSSection:
     region: str = field(default="", metadata={"doc": "empty: take it from IMDS"})
     endpoint_url: str = field(default="", metadata={"check": _url, "doc": "empty: AWS; set for local S3/EC2 emulators"})
     endpoints: Dict[str, str] = field(default_factory=dict, metadata={"doc": "per-service endpoint overrides, e.g. { s3 = \"http://127.0.0.1:9000\" }"})
-    max_attempts: int = field(default=5, metadata={"min": 1, "max": 20, "doc": "botocore retry attempts (standard mode)"})
+    max_attempts: int = field(default=5, metadata={"min": 1, "max": 20, "doc": "botocore retry attempts (standard mode) outside the drain; the drain retries within its step budgets"})
 
     def validate(self) -> Problems:
         out: Problems = []
@@ -311,6 +311,7 @@ class DrainSection:
     upload_reserve: float = field(default=15.0, metadata={"min": 0, "doc": "seconds always kept for the S3 checkpoint upload"})
     lifecycle_reserve: float = field(default=2.0, metadata={"min": 0, "doc": "seconds always kept for CompleteLifecycleAction"})
     freeze_timeout: float = field(default=10.0, metadata={"min": 0.1, "max": 60, "doc": "longest a filesystem stays frozen waiting for CreateSnapshot"})
+    snapshot_spacing: float = field(default=15.0, metadata={"min": 0, "max": 300, "doc": "seconds between two snapshots of one volume (EC2 allows one per 15 s); 0: no spacing, for endpoints without the limit"})
     rebalance_budget: float = field(default=120.0, metadata={"min": 1, "doc": "seconds the rebalance plan may take"})
     workload: WorkloadSection = field(default_factory=WorkloadSection)
     lifecycle: LifecycleSection = field(default_factory=LifecycleSection)

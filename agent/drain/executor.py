@@ -121,14 +121,15 @@ class Drainer:
                 return seconds
         return DEFAULT_SHUTDOWN_BUDGET
 
-    def discover_lifecycle(self) -> Optional[lc.LifecycleTarget]:
+    def discover_lifecycle(self, autoscaling: Any = None) -> Optional[lc.LifecycleTarget]:
         """Find (once) the Auto Scaling group and terminating hook; cached, retried after an error."""
         if self._target_known:
             return self._target
         lcfg = self.config.drain.lifecycle
         self._lifecycle_config = (lcfg.group, lcfg.hook, lcfg.enabled)
         try:
-            self._target = lc.discover(self.clients.autoscaling, self.identity.instance_id, lcfg.group, lcfg.hook)
+            self._target = lc.discover(autoscaling or self.clients.autoscaling, self.identity.instance_id,
+                                       lcfg.group, lcfg.hook)
             self._target_known = True
         except Exception as exc:  # noqa: BLE001 - retried when the drain reaches the lifecycle step
             log.warning("Auto Scaling lifecycle discovery failed (will retry at drain time): %s", exc)
@@ -286,8 +287,9 @@ class Drainer:
         beats: Optional[lc.Heartbeats] = None
         life = plan.step(LIFECYCLE)
         if life is not None and not life.structural_skip and not rec.get("lifecycle_completed") and self._target:
-            beats = lc.Heartbeats(self.clients.autoscaling, self._target, self.identity.instance_id,
-                                  self.config.drain.lifecycle.heartbeat_interval).start()
+            beats = lc.Heartbeats(self.clients.drain_autoscaling or self.clients.autoscaling, self._target,
+                                  self.identity.instance_id, self.config.drain.lifecycle.heartbeat_interval,
+                                  clock=self.clock).start()
         if slot == "run" and not resumed and (self.config.drain.workload, list(self.config.hooks)) != self._workload_config:
             self.workload = self._new_workload()
         try:
@@ -432,6 +434,7 @@ class Drainer:
                        interrupted: bool) -> Tuple[str, str]:
         started = time.monotonic()
         self._notes = []
+        ec2 = self.clients.budgeted(budget, self.clock, "drain snapshot").ec2
         targets, problems = self._snapshot_targets(plan)
         notice = snaps.notice_tag(self.identity.instance_id, event.key, rec.get("boot_id", ""))
         run = self.config.agent.run or self.identity.instance_id
@@ -440,8 +443,17 @@ class Drainer:
         for mv in targets:
             if mv.name in rec["snapshots"]:
                 continue
+            known = (rec.get("snapshot_ids") or {}).get(mv.name)
+            if known:  # CreateSnapshots answered before a restart; only the per-volume tags are missing
+                tags = self._tags(mv.name, event, run, rec.get("boot_id", ""))
+                snaps.tag(ec2, [known], {k: tags[k] for k in (snaps.TAG_VOLUME, snaps.TAG_VOLUME_NAME, "Name")})
+                rec["snapshots"][mv.name] = known
+                self._save(slot, rec)
+                continue
             if rec["snapshot_requested"].get(mv.name) or interrupted:
-                existing = snaps.find_existing(self.clients.ec2, mv.volume_id, notice)
+                # requested before a restart: EC2 may not show it (or its tags) for a few seconds
+                existing = snaps.find_existing_waiting(ec2, mv.volume_id, notice, min(snaps.FIND_WAIT, budget / 3),
+                                                       self.clock)
                 if existing:
                     rec["snapshots"][mv.name] = existing
                     self._save(slot, rec)
@@ -449,35 +461,76 @@ class Drainer:
                     continue
             todo.append(mv)
         warnings: List[str] = []
+        wanted = len(todo)
+        todo = self._space_snapshots(plan, todo, budget - (time.monotonic() - started), warnings)
+        spaced_out = wanted - len(todo)
         if todo and self.config.drain.crash_consistent and len(todo) > 1:
-            warnings += self._snapshot_together(todo, event, rec, slot, notice, run, description, budget, started)
+            warnings += self._snapshot_together(todo, event, rec, slot, notice, run, description, budget, started, ec2)
         else:
             for mv in todo:
                 left = budget - (time.monotonic() - started)
                 try:
-                    warnings += self._snapshot_one(mv, event, rec, slot, run, description, max(1.0, left))
+                    warnings += self._snapshot_one(mv, event, rec, slot, run, description, max(1.0, left), ec2)
                 except Exception as exc:  # noqa: BLE001 - the other volumes still get theirs
                     metrics.SNAPSHOT_FAILURES.labels(volume=mv.name).inc()
                     problems.append(f"{mv.name}: {type(exc).__name__}: {exc}")
         reason = "; ".join(problems + warnings + self._notes)
         if problems:
             return "failed", reason
+        if spaced_out and not rec["snapshots"]:
+            return "skipped", reason  # left to the S3 upload, for EC2's per-volume snapshot rate
         return "ok", reason
+
+    def _space_snapshots(self, plan: Plan, todo: List[MountedVolume], budget: float,
+                         notes: List[str]) -> List[MountedVolume]:
+        """EC2's one snapshot per volume per 15 s (a rebalance snapshot just before): wait out the rest
+        when it fits, else leave the volume to the S3 upload and say so. Returns the volumes to snapshot."""
+        upload = plan.step(UPLOAD)
+        s3_follows = bool(self.stores) and upload is not None and not upload.structural_skip
+        times = (self.state.get(SECTION, {}) or {}).get("snapshot_times", {}) or {}
+        wait, keep = 0.0, []
+        for mv in todo:
+            d = snaps.plan_spacing(mv.name, times.get(mv.volume_id), self.clock.time(), budget, s3_follows,
+                                   spacing=self.config.drain.snapshot_spacing)
+            if d.skip:
+                notes.append(d.reason)
+                continue
+            if d.wait > wait:
+                wait = d.wait
+                if d.reason:
+                    notes.append(d.reason)
+            keep.append(mv)
+        if keep and wait > 0:
+            log.info("snapshot: waiting %.1f s for EC2's per-volume snapshot spacing", wait)
+            self.progress(f"draining: snapshot waits {wait:.1f} s (EC2: one snapshot per volume per 15 s)")
+            self.clock.sleep(wait)
+        return keep
+
+    def _snapshot_requested(self, volume_ids: List[str]) -> None:
+        """Remember when each volume's CreateSnapshot went out (the next one is spaced from it)."""
+        times = dict((self.state.get(SECTION, {}) or {}).get("snapshot_times", {}) or {})
+        now = self.clock.time()
+        for vid in volume_ids:
+            times[vid] = now
+        self.state.update(SECTION, snapshot_times=times)
 
     def _tags(self, mv_name: str, event: Event, run: str, boot: str) -> Dict[str, str]:
         return snaps.snapshot_tags(self.identity.instance_id, mv_name, run, event.kind, event.detected_at, event.key,
                                    boot)
 
     def _snapshot_one(self, mv: MountedVolume, event: Event, rec: Dict[str, Any], slot: str, run: str,
-                      description: str, budget: float) -> List[str]:
+                      description: str, budget: float, ec2: Any) -> List[str]:
         tags = self._tags(mv.name, event, run, rec.get("boot_id", ""))
         rec["snapshot_requested"][mv.name] = True
         self._save(slot, rec)
-        ec2 = self.clients.ec2
 
         def call() -> str:
             self.timeline.append((f"snapshot-requested:{mv.name}", self.clock.time()))
-            return snaps.create_snapshot(ec2, mv.volume_id, tags, description)
+            self._snapshot_requested([mv.volume_id])
+            sid = snaps.create_snapshot(ec2, mv.volume_id, tags, description)
+            rec["snapshots"][mv.name] = sid  # saved at once: a crash from here on finds it without a describe
+            self._save(slot, rec)
+            return sid
 
         with self._freeze_lock:
             res = frozen_call([(mv.name, mv.mountpoint)], call, runner=self.runner, state=self.state,
@@ -498,8 +551,8 @@ class Drainer:
         return [f"{mv.name}: {w}" if not w.startswith(mv.name) else w for w in res.warnings]
 
     def _snapshot_together(self, todo: List[MountedVolume], event: Event, rec: Dict[str, Any], slot: str,
-                           notice: str, run: str, description: str, budget: float, started: float) -> List[str]:
-        ec2 = self.clients.ec2
+                           notice: str, run: str, description: str, budget: float, started: float,
+                           ec2: Any) -> List[str]:
         ours = [mv.volume_id for mv in todo]
         exclude = [v for v in snaps.attached_volume_ids(ec2, self.identity.instance_id) if v not in ours]
         per_volume = (snaps.TAG_VOLUME, snaps.TAG_VOLUME_NAME, "Name")
@@ -510,7 +563,11 @@ class Drainer:
 
         def call() -> Dict[str, str]:
             self.timeline.append(("snapshot-requested:*", self.clock.time()))
-            return snaps.create_snapshots(ec2, self.identity.instance_id, ours, exclude, common, description)
+            self._snapshot_requested(ours)
+            got = snaps.create_snapshots(ec2, self.identity.instance_id, ours, exclude, common, description)
+            rec["snapshot_ids"] = {mv.name: got[mv.volume_id] for mv in todo if mv.volume_id in got}
+            self._save(slot, rec)
+            return got
 
         left = max(1.0, budget - (time.monotonic() - started))
         with self._freeze_lock:
@@ -574,18 +631,20 @@ class Drainer:
     def _step_retention(self, plan: Plan, event: Event, rec: Dict[str, Any], slot: str, budget: float,
                         interrupted: bool) -> Tuple[str, str]:
         end = time.monotonic() + budget
+        ec2 = self.clients.budgeted(budget, self.clock, "drain retention").ec2
         deleted: List[str] = []
         for name in sorted(rec["snapshots"]):
             if time.monotonic() >= end:
                 return "cut", f"out of time; deleted {len(deleted)}"
-            deleted += snaps.apply_retention(self.clients.ec2, name, self.config.drain.keep_snapshots)
+            deleted += snaps.apply_retention(ec2, name, self.config.drain.keep_snapshots)
         return "ok", f"deleted {len(deleted)} old snapshot(s)" if deleted else ""
 
     def _step_lifecycle(self, plan: Plan, event: Event, rec: Dict[str, Any], slot: str, budget: float,
                         interrupted: bool) -> Tuple[str, str]:
         if rec.get("lifecycle_completed"):
             return "ok", "completed before a restart"
-        target = self.discover_lifecycle()
+        aws = self.clients.budgeted(budget, self.clock, "drain lifecycle")
+        target = self.discover_lifecycle(aws.autoscaling)
         if target is None:
             if self._target_known:
                 return "skipped", "not in an Auto Scaling group with a terminating hook"
@@ -593,7 +652,7 @@ class Drainer:
         attempted_before = bool(rec.get("lifecycle_attempted")) and interrupted
         rec["lifecycle_attempted"] = True
         self._save(slot, rec)
-        completed, reason = lc.complete(self.clients.autoscaling, target, self.identity.instance_id)
+        completed, reason = lc.complete(aws.autoscaling, target, self.identity.instance_id)
         if not completed and attempted_before:
             completed, reason = True, "completed by the interrupted attempt"
         if completed:

@@ -64,16 +64,26 @@ def complete(autoscaling: Any, target: LifecycleTarget, instance_id: str) -> Tup
 
 
 class Heartbeats:
-    """RecordLifecycleActionHeartbeat now and every ``interval`` seconds until stopped."""
+    """RecordLifecycleActionHeartbeat now and every ``interval`` seconds until stopped.
 
-    def __init__(self, autoscaling: Any, target: LifecycleTarget, instance_id: str, interval: float) -> None:
+    Each heartbeat restarts the hook's timeout, so a drain longer than HeartbeatTimeout keeps its
+    lifecycle action. A throttled heartbeat is retried (jittered) within half an interval; stopping
+    ends the retries at once, so no heartbeat goes out after the drain.
+    """
+
+    def __init__(self, autoscaling: Any, target: LifecycleTarget, instance_id: str, interval: float,
+                 clock: Any = None) -> None:
+        from agent.clock import SYSTEM_CLOCK
+
         self._as = autoscaling
         self._target = target
         self._instance = instance_id
         self._interval = interval
+        self._clock = clock or SYSTEM_CLOCK
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lifecycle-heartbeat", daemon=True)
         self.sent = 0
+        self.failed = 0
 
     def start(self) -> "Heartbeats":
         self._thread.start()
@@ -83,14 +93,31 @@ class Heartbeats:
         self._stop.set()
         self._thread.join(timeout=2.0)
 
-    def _loop(self) -> None:
+    def _beat(self) -> None:
+        from agent.aws import error_code, retry_after
+        from agent.backoff import Backoff
+
+        backoff = Backoff(base=0.2, cap=2.0)
+        end = self._clock.monotonic() + max(0.5, self._interval / 2)
         while not self._stop.is_set():
             try:
                 self._as.record_lifecycle_action_heartbeat(AutoScalingGroupName=self._target.group,
                                                            LifecycleHookName=self._target.hook,
                                                            InstanceId=self._instance)
                 self.sent += 1
+                return
             except Exception as exc:  # noqa: BLE001 - a missed heartbeat only shortens the hook's timeout
-                log.debug("lifecycle heartbeat failed: %s", exc)
+                wait = retry_after(exc)
+                delay = max(wait or 0.0, backoff.next_delay())
+                if wait is None or self._clock.monotonic() + delay >= end:
+                    self.failed += 1
+                    level = logging.WARNING if _no_action(exc) else logging.DEBUG
+                    log.log(level, "lifecycle heartbeat failed: %s", error_code(exc) or exc)
+                    return
+                self._stop.wait(delay)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._beat()
             if self._stop.wait(self._interval):
                 return

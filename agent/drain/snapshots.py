@@ -19,7 +19,8 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import logging
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,62 @@ def snapshot_tags(instance_id: str, volume: str, run: str, kind: str, notice_tim
         TAG_NOTICE: notice_tag(instance_id, key, boot),
         "Name": f"{run or instance_id}/{volume}",
     }
+
+
+# EC2 accepts one CreateSnapshot per volume every 15 s (SnapshotCreationPerVolumeRateExceeded otherwise).
+SNAPSHOT_SPACING = 15.0
+# What a snapshot needs after its wait: sync, freeze, the call, thaw (seconds, generous).
+SNAPSHOT_CALL_SECONDS = 2.0
+# A restart looks for the snapshot an interrupted attempt may have requested this long at most: EC2 shows
+# a new snapshot (and its tags) to describe calls only after a few seconds.
+FIND_WAIT = 8.0
+SPACING_SLACK = 0.3  # EC2's clock and ours: ask a little after the 15 s, not at the edge
+
+
+@dataclass(frozen=True)
+class Spacing:
+    """What the drain does about EC2's per-volume snapshot rate: wait ``wait`` seconds first, or skip
+    (``skip``: the snapshot cannot be taken in time; ``reason`` says so)."""
+
+    wait: float
+    skip: bool = False
+    reason: str = ""
+
+
+def plan_spacing(volume: str, last_requested: Optional[float], now: float, budget: float, s3_follows: bool,
+                 spacing: float = SNAPSHOT_SPACING, call_seconds: float = SNAPSHOT_CALL_SECONDS) -> Spacing:
+    """Pure. ``last_requested``: epoch of the last CreateSnapshot of this volume (None: none known).
+
+    Within ``spacing`` of the last one, wait out the rest when that and the call fit in ``budget``; when
+    they do not and an S3 upload follows, skip the snapshot (the upload carries the checkpoint); with
+    nothing else to persist, try anyway once the wait is over, as far as the budget goes.
+    """
+    if last_requested is None:
+        return Spacing(0.0)
+    age = now - last_requested
+    if age < 0 or age >= spacing:
+        return Spacing(0.0)
+    wait = spacing - age + SPACING_SLACK
+    if wait + call_seconds <= budget:
+        return Spacing(wait, reason=f"waited {wait:.1f} s: EC2 allows one snapshot of a volume per {spacing:g} s "
+                                    f"and the last of {volume} was {age:.1f} s before")
+    why = (f"the last snapshot of {volume} was {age:.1f} s before and EC2 allows one per {spacing:g} s: "
+           f"{wait:.1f} s to wait, {budget:.1f} s of budget")
+    if s3_follows:
+        return Spacing(0.0, skip=True, reason=f"{volume}: snapshot skipped, {why}; the S3 upload carries the checkpoint")
+    return Spacing(max(0.0, budget - call_seconds), reason=f"{volume}: {why}; no S3 checkpoint either, so trying anyway")
+
+
+def find_existing_waiting(ec2: Any, volume_id: str, notice: str, seconds: float, clock: Any,
+                          interval: float = 0.5) -> Optional[str]:
+    """:func:`find_existing`, asked again for up to ``seconds``: a snapshot requested just before a crash
+    may not be visible (or not tagged yet) to describe calls for a moment. None when none shows up."""
+    end = clock.monotonic() + max(0.0, seconds)
+    while True:
+        found = find_existing(ec2, volume_id, notice)
+        if found or clock.monotonic() + interval >= end:
+            return found
+        clock.sleep(interval)
 
 
 def _tag_spec(tags: Dict[str, str]) -> List[Dict[str, Any]]:

@@ -151,6 +151,10 @@ def drain_env(aws, blockdevs, scratch_dir):
     ident = asg_identity(aws)
     host = Host(aws, blockdevs, ident, scratch_dir)
     vid = aws.ec2.create_volume(AvailabilityZone="us-east-1a", Size=1, VolumeType="gp3")["VolumeId"]
+    from agent.clock import SYSTEM_CLOCK
+    from agent.volumes.attach import wait_available
+
+    wait_available(aws.ec2, vid, SYSTEM_CLOCK, 30)  # the strict local AWS: creating, NotFound for a moment
     mnt = host.mnt("ckpt")
     mgr = host.manager([volume("ckpt", mnt, fs="ext4", volume_id=vid, format_existing="if-never-written")],
                        state_name="state.json")

@@ -168,7 +168,7 @@ def test_retention_deletes_only_ours_and_never_the_newest(drain_env):
 
 
 def test_retention_runs_in_the_drain(drain_env):
-    cfg = drain_env.config(workload=NO_WORKLOAD, extra="[drain]\nkeep_snapshots = 2\n")
+    cfg = drain_env.config(workload=NO_WORKLOAD, extra="[drain]\nkeep_snapshots = 2\nsnapshot_spacing = 0\n")
     for i in range(3):
         report = drain_env.drainer(cfg).run(spot(key=f"spot:{i}"))
         assert report.ok, report.steps

@@ -170,7 +170,8 @@ def test_a_termination_during_an_early_checkpoint_takes_over(drain_env):
     started = threading.Event()
     drain_env.host.sim.on_snapshot.append(lambda sid, vid: started.set())
     drain_env.host.sim.snapshot_delay = 1.5
-    drainer = drain_env.drainer(drain_env.config(workload='wait = "none"\n'))
+    # instant moto has no per-volume snapshot rate: no spacing (tests/integration/test_drain_strict.py has it)
+    drainer = drain_env.drainer(drain_env.config(workload='wait = "none"\n', extra="[drain]\nsnapshot_spacing = 0\n"))
     early = {}
     t = threading.Thread(target=lambda: early.update(report=drainer.early(
         Event("rebalance-recommendation", "", None, "rebalance:2", time.time()))))
