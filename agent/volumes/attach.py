@@ -3,6 +3,13 @@
 Choosing (which tagged volume, which snapshot, which device name) is pure and tested without AWS; the
 calls are thin. Idempotency across restarts: CreateVolume gets a ClientToken derived from what is
 being created, and before creating anything we look for a volume we already made (ownership tags).
+
+Waits follow EC2's state machine: a volume is ``creating`` then ``available``, an attachment
+``attaching`` then ``attached``, a detach ``detaching`` then gone. A resource just created may be
+``NotFound`` to describe calls for a few seconds (eventual consistency): within
+:data:`NOT_FOUND_GRACE` of the wait's start that is "not yet", after it the resource is gone. Calls
+refused for throttling or a passing state (``IncorrectState``) are retried until the wait's deadline.
+A timeout says which state the resource was last seen in.
 """
 
 from __future__ import annotations
@@ -22,6 +29,14 @@ class AttachError(RuntimeError):
     pass
 
 
+class NotVisible(AttachError):
+    """Describe said NotFound: gone, or too new for EC2 to show yet."""
+
+
+# How long a resource just created (or attached) may be NotFound to describe calls before we believe it.
+NOT_FOUND_GRACE = 15.0
+
+
 def delays(initial: float = 0.2, factor: float = 2.0, cap: float = 5.0) -> Iterable[float]:
     d = initial
     while True:
@@ -30,24 +45,50 @@ def delays(initial: float = 0.2, factor: float = 2.0, cap: float = 5.0) -> Itera
 
 
 def wait_until(check: Callable[[], Optional[Any]], what: str, timeout: float, clock: Clock = SYSTEM_CLOCK,
-               initial: float = 0.2, cap: float = 5.0) -> Any:
-    """Poll ``check`` with exponential backoff until it returns something truthy, or raise."""
-    deadline = clock.monotonic() + timeout
+               initial: float = 0.2, cap: float = 5.0, not_found_grace: float = 0.0,
+               seen: Optional[Callable[[], str]] = None) -> Any:
+    """Poll ``check`` with exponential backoff until it returns something truthy, or raise.
+
+    :class:`NotVisible` from ``check`` is retried for ``not_found_grace`` seconds (eventual consistency),
+    other :class:`AttachError` ends the wait at once. ``seen()`` describes the last state observed, for
+    the timeout's message."""
+    started = clock.monotonic()
+    deadline = started + timeout
     last_error = ""
     for d in delays(initial, cap=cap):
         try:
             value = check()
             if value:
                 return value
+        except NotVisible as exc:
+            if clock.monotonic() - started >= not_found_grace:
+                raise
+            last_error = f" (last error: {exc})"
         except AttachError:
             raise
         except Exception as exc:  # noqa: BLE001 - transient API errors are retried until the deadline
             last_error = f" (last error: {exc})"
         remaining = deadline - clock.monotonic()
         if remaining <= 0:
-            raise AttachError(f"timed out after {timeout:g}s waiting for {what}{last_error}")
+            state = seen() if seen is not None else ""
+            raise AttachError(f"timed out after {timeout:g}s waiting for {what}"
+                              + (f"; last seen {state}" if state else "") + last_error)
         clock.sleep(min(d, remaining))
     raise AssertionError("unreachable")
+
+
+def call_retrying(fn: Callable[[], Any], what: str, timeout: float, clock: Clock = SYSTEM_CLOCK,
+                  idempotent: bool = True) -> Any:
+    """``fn`` retried through throttling and passing states (IncorrectState) for up to ``timeout``;
+    ``idempotent`` False: ambiguous failures (5xx, connection) are not retried."""
+    from agent.aws import retry_after
+    from agent.backoff import OutOfTime, retry_until
+
+    try:
+        return retry_until(fn, deadline=clock.monotonic() + timeout, retry_after=lambda e: retry_after(e, idempotent),
+                           what=what, clock=clock)
+    except OutOfTime as exc:
+        raise AttachError(str(exc)) from None
 
 
 def client_token(*parts: str) -> str:
@@ -140,10 +181,10 @@ def describe_volume(ec2: Any, volume_id: str) -> Dict[str, Any]:
     except Exception as exc:  # noqa: BLE001
         code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
         if code in ("InvalidVolume.NotFound", "InvalidVolumeID.NotFound"):
-            raise AttachError(f"volume {volume_id} does not exist") from None
+            raise NotVisible(f"volume {volume_id} does not exist") from None
         raise
     if not vols:
-        raise AttachError(f"volume {volume_id} does not exist")
+        raise NotVisible(f"volume {volume_id} does not exist")
     return vols[0]
 
 
@@ -177,10 +218,10 @@ def describe_snapshot(ec2: Any, snapshot_id: str) -> Dict[str, Any]:
     except Exception as exc:  # noqa: BLE001
         code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
         if code.startswith("InvalidSnapshot"):
-            raise AttachError(f"snapshot {snapshot_id} does not exist") from None
+            raise NotVisible(f"snapshot {snapshot_id} does not exist") from None
         raise
     if not snaps:
-        raise AttachError(f"snapshot {snapshot_id} does not exist")
+        raise NotVisible(f"snapshot {snapshot_id} does not exist")
     return snaps[0]
 
 
@@ -207,17 +248,25 @@ def create_volume(ec2: Any, az: str, token: str, tags: Dict[str, str], size_gib:
             kwargs["KmsKeyId"] = kms_key_id
     if multi_attach:
         kwargs["MultiAttachEnabled"] = True
-    return ec2.create_volume(**kwargs)["VolumeId"]
+    # the ClientToken makes a repeat safe: throttled or refused for a moment, ask again
+    return call_retrying(lambda: ec2.create_volume(**kwargs), "CreateVolume", 60.0)["VolumeId"]
 
 
 def wait_available(ec2: Any, volume_id: str, clock: Clock, timeout: float) -> Dict[str, Any]:
+    """``creating`` -> ``available`` (or already ``in-use``)."""
+    last = {"state": ""}
+
     def check() -> Optional[Dict[str, Any]]:
         vol = describe_volume(ec2, volume_id)
+        last["state"] = f"'{vol['State']}'"
         if vol["State"] == "error":
             raise AttachError(f"volume {volume_id} went into state error")
+        if vol["State"] in ("deleting", "deleted"):
+            raise AttachError(f"volume {volume_id} is {vol['State']}")
         return vol if vol["State"] in ("available", "in-use") else None
 
-    return wait_until(check, f"volume {volume_id} to become available", timeout, clock)
+    return wait_until(check, f"volume {volume_id} to become available", timeout, clock,
+                      not_found_grace=min(NOT_FOUND_GRACE, timeout), seen=lambda: last["state"] or "nothing (NotFound)")
 
 
 def used_device_names(ec2: Any, instance_id: str) -> List[str]:
@@ -231,19 +280,30 @@ def used_device_names(ec2: Any, instance_id: str) -> List[str]:
     return names
 
 
-def attach(ec2: Any, volume_id: str, instance_id: str, device_name: str) -> None:
-    ec2.attach_volume(VolumeId=volume_id, InstanceId=instance_id, Device=device_name)
+def attach(ec2: Any, volume_id: str, instance_id: str, device_name: str, clock: Clock = SYSTEM_CLOCK,
+           timeout: float = 30.0) -> None:
+    """AttachVolume, retried while EC2 throttles or the volume is between states (IncorrectState: still
+    ``creating``, or ``detaching`` from an earlier owner). VolumeInUse, a device name in use and a zone
+    mismatch are final."""
+    call_retrying(lambda: ec2.attach_volume(VolumeId=volume_id, InstanceId=instance_id, Device=device_name),
+                  f"AttachVolume {volume_id} as {device_name}", timeout, clock)
 
 
 def wait_attached(ec2: Any, volume_id: str, instance_id: str, clock: Clock, timeout: float) -> str:
-    """Wait for the attachment to reach ``attached``; returns the attach device name."""
+    """``attaching`` -> ``attached``; returns the attach device name."""
+    last = {"state": ""}
+
     def check() -> Optional[str]:
-        att = attachment_to(describe_volume(ec2, volume_id), instance_id)
+        vol = describe_volume(ec2, volume_id)
+        att = attachment_to(vol, instance_id)
         if att is None:
+            last["state"] = f"volume '{vol.get('State')}' with no attachment to {instance_id}"
             return None
+        last["state"] = f"attachment '{att.get('State')}'"
         return att["Device"] if att.get("State") == "attached" else None
 
-    return wait_until(check, f"volume {volume_id} to attach to {instance_id}", timeout, clock)
+    return wait_until(check, f"volume {volume_id} to attach to {instance_id}", timeout, clock,
+                      not_found_grace=min(NOT_FOUND_GRACE, timeout), seen=lambda: last["state"])
 
 
 def set_delete_on_termination(ec2: Any, instance_id: str, device_name: str, value: bool) -> None:
@@ -254,12 +314,25 @@ def set_delete_on_termination(ec2: Any, instance_id: str, device_name: str, valu
 def detach(ec2: Any, volume_id: str, instance_id: str, clock: Clock, timeout: float) -> bool:
     """Detach from this instance and wait; False when it was not attached here."""
     vol = describe_volume(ec2, volume_id)
-    if attachment_to(vol, instance_id) is None:
+    if attachment_to(vol, instance_id) is None and not _detaching(vol, instance_id):
         return False
-    ec2.detach_volume(VolumeId=volume_id, InstanceId=instance_id)
-    wait_until(lambda: attachment_to(describe_volume(ec2, volume_id), instance_id) is None,
-               f"volume {volume_id} to detach from {instance_id}", timeout, clock)
+    if attachment_to(vol, instance_id) is not None:
+        call_retrying(lambda: ec2.detach_volume(VolumeId=volume_id, InstanceId=instance_id),
+                      f"DetachVolume {volume_id}", timeout, clock)
+    last = {"state": ""}
+
+    def check() -> bool:
+        v = describe_volume(ec2, volume_id)
+        last["state"] = f"volume '{v.get('State')}'" + (", attachment 'detaching'" if _detaching(v, instance_id) else "")
+        return attachment_to(v, instance_id) is None and not _detaching(v, instance_id)
+
+    wait_until(check, f"volume {volume_id} to detach from {instance_id}", timeout, clock, seen=lambda: last["state"])
     return True
+
+
+def _detaching(volume: Dict[str, Any], instance_id: str) -> bool:
+    return any(a.get("InstanceId") == instance_id and a.get("State") == "detaching"
+               for a in volume.get("Attachments") or [])
 
 
 def snapshot_for_copy(ec2: Any, volume_id: str, tags: Dict[str, str], clock: Clock, timeout: float) -> str:
@@ -272,9 +345,11 @@ def snapshot_for_copy(ec2: Any, volume_id: str, tags: Dict[str, str], clock: Clo
     if existing:
         snap_id = sorted(existing, key=lambda s: s["SnapshotId"])[0]["SnapshotId"]
     else:
-        snap_id = ec2.create_snapshot(
+        # definite refusals only (throttling, the per-volume rate): an ambiguous failure is not retried
+        snap_id = call_retrying(lambda: ec2.create_snapshot(
             VolumeId=volume_id, Description=f"spot-agent copy of {volume_id} across AZs",
-            TagSpecifications=T.tag_specs("snapshot", dict(tags, **{T.PURPOSE: "copy-across-az"})))["SnapshotId"]
+            TagSpecifications=T.tag_specs("snapshot", dict(tags, **{T.PURPOSE: "copy-across-az"}))),
+            f"CreateSnapshot of {volume_id}", min(60.0, timeout), clock, idempotent=False)["SnapshotId"]
 
     def check() -> Optional[str]:
         snap = describe_snapshot(ec2, snap_id)
@@ -282,4 +357,5 @@ def snapshot_for_copy(ec2: Any, volume_id: str, tags: Dict[str, str], clock: Clo
             raise AttachError(f"snapshot {snap_id} of {volume_id} failed")
         return snap_id if snap["State"] == "completed" else None
 
-    return wait_until(check, f"snapshot {snap_id} of {volume_id} to complete", timeout, clock)
+    return wait_until(check, f"snapshot {snap_id} of {volume_id} to complete", timeout, clock,
+                      not_found_grace=min(NOT_FOUND_GRACE, timeout))
