@@ -12,6 +12,7 @@ import time
 import pytest
 
 from agent.drain import snapshots as snaps
+from agent.drain.freeze import boot_id
 from agent.events import Event
 from agent.sim.localaws import lifecycle_calls
 from tests.integration.drain_helpers import GROUP, HOOK, drain_env  # noqa: F401
@@ -97,7 +98,7 @@ def test_a_restart_right_after_create_snapshot_finds_it_and_takes_no_second(drai
     rec["steps"]["snapshot"] = {"state": "running"}
     rec["snapshot_requested"]["ckpt"] = True
     drainer._save("run", rec)
-    tags = snaps.snapshot_tags(drain_env.identity.instance_id, "ckpt", "", ev.kind, ev.detected_at, ev.key)
+    tags = snaps.snapshot_tags(drain_env.identity.instance_id, "ckpt", "", ev.kind, ev.detected_at, ev.key, boot_id())
     earlier = snaps.create_snapshot(drain_env.aws.ec2, drain_env.volume_id, tags, "just before the crash")
     report = drainer.run(ev)
     assert report.snapshots == {"ckpt": earlier}, report.steps
