@@ -40,3 +40,32 @@ if ! .venv-ray/bin/python -c 'import ray, sys; sys.exit(ray.__version__ != "2.60
   .venv-ray/bin/pip install -q --upgrade pip >/dev/null
   .venv-ray/bin/pip install -q "$RAY_PIN"
 fi
+
+# Real training jobs (tests/integration/test_torch_jobs.py): PyTorch pinned exactly (2.13.0 is the CPU
+# build these machines keep on disk; any other requirement downloads a CUDA build of several GB),
+# then Lightning and transformers + accelerate with ranges that accept it, and a check that none of
+# them replaced torch. Python 3.11: the pin's wheel is cp311. The agent never imports any of it.
+TORCH_PIN='torch==2.13.0'
+PY311=""
+for c in python3.11 /root/.pyenv/versions/3.11*/bin/python3.11 /usr/bin/python3.11; do
+  if "$c" -c 'import sys; assert sys.version_info[:2] == (3, 11)' >/dev/null 2>&1; then PY311=$c; break; fi
+done
+if [ -z "$PY311" ]; then echo "setup: Python 3.11 is needed for .venv-torch" >&2; exit 1; fi
+if [ ! -x .venv-torch/bin/python ]; then "$PY311" -m venv .venv-torch; fi
+torch_ok() {
+  .venv-torch/bin/python - <<'PY' >/dev/null 2>&1
+import importlib.metadata as md, sys
+v = {n: md.version(n) for n in ("torch", "lightning", "transformers", "accelerate", "numpy")}
+sys.exit(v["torch"].split("+")[0] != "2.13.0")
+PY
+}
+if ! torch_ok; then
+  .venv-torch/bin/pip install -q --upgrade pip >/dev/null
+  .venv-torch/bin/pip install -q "$TORCH_PIN"
+  .venv-torch/bin/pip install -q "$TORCH_PIN" numpy 'lightning>=2.2,<3' 'transformers>=4.40,<6' 'accelerate>=0.30,<2'
+  if ! torch_ok; then
+    echo "setup: .venv-torch does not hold torch 2.13.0 with lightning, transformers and accelerate after the install" >&2
+    .venv-torch/bin/pip list 2>/dev/null | grep -iE '^(torch|lightning|transformers|accelerate) ' >&2 || true
+    exit 1
+  fi
+fi

@@ -113,9 +113,11 @@ def _newest_change(dir_fd: int, depth: int, budget: List[int]) -> Optional[float
 
 
 def committed_step(commit_dir: str, commit_file: str, incomplete_file: str, since: float, settle: float,
-                   now: float) -> Tuple[Optional[str], str]:
+                   now: float, before: Optional[Dict[str, int]] = None) -> Tuple[Optional[str], str]:
     """(the newest step directory committed after ``since`` whose files stopped changing ``settle``
     seconds ago, "") or (None, what is still missing). ``commit_dir`` itself counts as a step too.
+    ``before``: the commits seen when the job was told (path -> commit file mtime_ns); those are
+    not new, however close to the notice they were written.
 
     The directory is the job's: entries are opened relative to directory fds with O_NOFOLLOW, a
     symlinked step or commit file never counts, and the scan is bounded."""
@@ -145,6 +147,8 @@ def committed_step(commit_dir: str, commit_file: str, incomplete_file: str, sinc
                 if not stat.S_ISREG(cst.st_mode) or cst.st_mtime < since - 1.0:
                     continue  # no commit, a link, or a step committed before the notice
                 path = commit_dir if name is None else os.path.join(commit_dir, name)
+                if before is not None and before.get(path) == cst.st_mtime_ns:
+                    continue  # there already when the job was told
                 if incomplete_file:
                     try:
                         os.stat(incomplete_file, dir_fd=fd, follow_symlinks=False)
@@ -169,6 +173,28 @@ def committed_step(commit_dir: str, commit_file: str, incomplete_file: str, sinc
     if best is not None:
         return best[1], ""
     return None, waiting or f"no step in {commit_dir} committed with {commit_file} since the notice"
+
+
+def existing_commits(commit_dir: str, commit_file: str) -> Dict[str, int]:
+    """The steps committed now (path -> the commit file's mtime_ns), recorded when the job is told."""
+    out: Dict[str, int] = {}
+    try:
+        top = os.open(commit_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return out
+    try:
+        names = [None] + [e.name for i, e in zip(range(MAX_STEP_DIRS), os.scandir(top)) if e.is_dir(follow_symlinks=False)]
+        for name in names:
+            rel = commit_file if name is None else os.path.join(name, commit_file)
+            try:
+                st = os.stat(rel, dir_fd=top, follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                out[commit_dir if name is None else os.path.join(commit_dir, name)] = st.st_mtime_ns
+    finally:
+        os.close(top)
+    return out
 
 
 def process_tree(pid: int) -> List[int]:
@@ -196,6 +222,7 @@ class Workload:
         self.channel = JobChannel(r.notice_file, r.ack_dir, r.env_file)
         self._notice_key = ""
         self._job_uid: Optional[int] = None
+        self._commits_before: Optional[Dict[str, int]] = None  # None after a restart: the mtime rule alone
 
     def prepare(self) -> List[str]:
         """Before any notice: the env file for the unit, the notice and ack directories."""
@@ -230,6 +257,9 @@ class Workload:
         started = time.monotonic()
         out = NotifyResult()
         wl = self.section
+        r = self.resolved
+        if r.commit_dir and r.commit_file:  # what is committed now is not the answer to this notice
+            self._commits_before = existing_commits(r.commit_dir, r.commit_file)
         # the file first: a job that reacts to the signal can read the deadline at once
         deadline = body.get("deadline") if isinstance(body.get("deadline"), (int, float)) else event.deadline
         why = self.publish(event, deadline, time.time() + max(0.0, hooks_budget))
@@ -376,7 +406,8 @@ class Workload:
 
     def _commit_since(self, since: float) -> Tuple[Optional[str], str]:
         r = self.resolved
-        return committed_step(r.commit_dir, r.commit_file, r.incomplete_file, since, r.commit_settle, time.time())
+        return committed_step(r.commit_dir, r.commit_file, r.incomplete_file, since, r.commit_settle, time.time(),
+                              self._commits_before)
 
     def _marker_since(self, since: float) -> bool:
         try:

@@ -175,3 +175,17 @@ def test_wait_any_ends_on_the_commit(tmp_path):
     # nothing commits: the budget runs out and says what it was waiting for
     res = wl.wait(["commit"], 0.5, time.time() + 10, None)
     assert not res.met and res.pending == ["commit"]
+
+
+def test_a_step_committed_just_before_the_notice_is_not_the_answer(tmp_path):
+    from agent.drain.workload import existing_commits
+
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    since = time.time()
+    _step(ck, "step-5")  # within the mtime slack of the notice, but already there when told
+    before = existing_commits(str(ck), ".metadata")
+    assert before == {str(ck / "step-5"): os.stat(ck / "step-5" / ".metadata").st_mtime_ns}
+    assert committed_step(str(ck), ".metadata", "", since, 0.0, time.time() + 5, before)[0] is None
+    _step(ck, "step-10")
+    assert committed_step(str(ck), ".metadata", "", since, 0.0, time.time() + 5, before)[0] == str(ck / "step-10")
