@@ -362,6 +362,14 @@ class RaySection:
 
 
 @dataclass
+class FleetSection:
+    launch_lifecycle: bool = field(default=True, metadata={"doc": "complete a launching lifecycle hook: CONTINUE at READY, ABANDON when startup fails"})
+    launch_hook: str = field(default="", metadata={"doc": "the launching hook's name; empty: found via the API"})
+    launch_heartbeat_interval: float = field(default=60.0, metadata={"min": 1, "doc": "seconds between heartbeats of the launching hook while startup runs"})
+    rebalance_window: float = field(default=3600.0, metadata={"min": 1, "doc": "a rebalance recommendation with no interruption within this long counts as none followed"})
+
+
+@dataclass
 class MetricsSection:
     enabled: bool = True
     listen: str = field(default="0.0.0.0:8947", metadata={"check": _listen, "doc": "HOST:PORT of /metrics, /healthz, /readyz"})
@@ -389,6 +397,7 @@ class Config:
     metrics: MetricsSection = field(default_factory=MetricsSection)
     slurm: SlurmSection = field(default_factory=SlurmSection)
     ray: RaySection = field(default_factory=RaySection)
+    fleet: FleetSection = field(default_factory=FleetSection)
 
     def validate(self) -> Problems:
         out: Problems = []

@@ -74,6 +74,7 @@ class Daemon:
         self.loop_beat = clock.monotonic()
         self.datasets: Dict[str, Dict[str, Any]] = {}
         self.checkpoint_stores: List[Any] = []
+        self.launch_hook: Any = None
         self.volume_manager: Any = None
         self.last_checkpoint: Optional[Dict[str, Any]] = None
         self.restore_fallbacks: List[Dict[str, Any]] = []  # restores this boot that skipped unverifiable manifests
@@ -305,6 +306,8 @@ class Daemon:
         try:
             self._startup_steps()
         except Exception as exc:  # noqa: BLE001
+            if self.launch_hook is not None:
+                self.launch_hook.finish("ABANDON", f"startup failed: {exc}")
             self.startup_error = f"{type(exc).__name__}: {exc}"
             log.exception("startup failed")
             self.set_status(f"startup failed: {exc}")
@@ -316,6 +319,11 @@ class Daemon:
         self.set_status("reading instance identity from IMDS")
         ctx = build_context(cfg, self.clock, self.notifier, state=self.state)
         self.ctx = ctx
+        if ctx.clients is not None:
+            from agent.fleet import LaunchHook  # the launching lifecycle hook: heartbeats until READY
+
+            self.launch_hook = LaunchHook(cfg.fleet, cfg.drain.lifecycle.group, ctx.clients.autoscaling,
+                                          ctx.identity.instance_id, ctx.state).start()
         if ctx.imds_disabled:
             self.imds_health = {"up": False, "disabled": True, "last_success": 0.0}
             metrics.IMDS_DISABLED.set(1)
@@ -333,6 +341,8 @@ class Daemon:
         if self.supervisor.drain_started.is_set():
             # Draining (resumed) or drained: bringing up volumes or pre-warming now would only race the
             # snapshot. Wait for the drain, then report READY so systemd does not time the unit out.
+            if self.launch_hook is not None:
+                self.launch_hook.stop()  # terminating: no launch to complete
             while not self.supervisor.drain_done.wait(5.0):
                 self.notifier.extend_timeout(30)
             self.ready.set()
@@ -346,6 +356,8 @@ class Daemon:
             return
         self.ready.set()
         metrics.READY.set(1)
+        if self.launch_hook is not None:
+            self.launch_hook.finish("CONTINUE", "READY")
         if not self.supervisor.drain_started.is_set():
             metrics.set_state("ready")
         line = self._ready_line()

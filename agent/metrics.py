@@ -52,6 +52,13 @@ SNAPSHOTS = Counter("spot_agent_snapshots_created", "EBS snapshots created.", ["
 SNAPSHOT_FAILURES = Counter("spot_agent_snapshot_failures", "EBS snapshots that failed.", ["volume"], registry=REGISTRY)
 FREEZE_SECONDS = Gauge("spot_agent_last_freeze_duration_seconds", "How long the last fsfreeze window lasted.", ["volume"], registry=REGISTRY)
 LIFECYCLE_COMPLETIONS = Counter("spot_agent_lifecycle_actions_completed", "Auto Scaling lifecycle actions completed.", registry=REGISTRY)
+LAUNCH_ACTIONS = Counter("spot_agent_launch_lifecycle_actions", "Launching lifecycle actions completed, by result (continue, abandon).",
+                         ["result"], registry=REGISTRY)
+REBALANCE_OUTCOMES = Counter("spot_agent_rebalance_outcomes", "Rebalance recommendations by what followed (interrupted, none_followed).",
+                             ["outcome"], registry=REGISTRY)
+REBALANCE_TO_INTERRUPTION = Histogram("spot_agent_rebalance_to_interruption_seconds",
+                                      "Seconds from the first rebalance recommendation to the interruption.",
+                                      buckets=(30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 43200, 86400), registry=REGISTRY)
 
 VOLUME_MOUNTED = Gauge("spot_agent_volume_mounted", "1 when the volume is mounted at its mount point.", ["volume", "mountpoint"], registry=REGISTRY)
 VOLUME_FAILURES = Counter("spot_agent_volume_failures", "Volumes that could not be brought up.", ["volume"], registry=REGISTRY)
@@ -147,6 +154,10 @@ def _zero_known_labels() -> None:
         NOTICES.labels(kind=kind)
     for result in DRAIN_RESULTS:
         DRAINS.labels(result=result)
+    for result in ("continue", "abandon"):
+        LAUNCH_ACTIONS.labels(result=result)
+    for outcome in ("interrupted", "none_followed"):
+        REBALANCE_OUTCOMES.labels(outcome=outcome)
 
 
 DRAIN_RESULTS = ("success", "partial", "failed")

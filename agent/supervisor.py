@@ -133,7 +133,7 @@ class Supervisor:
         return "cancelled"
 
     def _rebalance(self, event: Event) -> None:
-        on_rebalance = getattr(self.drainer, "scheduler_rebalance", None)  # Slurm/Ray (agent/schedulers)
+        on_rebalance = getattr(self.drainer, "rebalance_seen", None)  # metrics, Slurm/Ray (agent/fleet, agent/schedulers)
         if on_rebalance is not None and not self.drain_started.is_set():
             on_rebalance(event)
         # rebalance = "drain" runs the whole plan, whose notify step runs the hooks itself.

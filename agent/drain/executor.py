@@ -33,6 +33,7 @@ from agent.drain.plan import (LIFECYCLE, NOTIFY, PERSIST_STEPS, RETENTION, RETEN
                               DrainReport, Plan, StepReport)
 from agent.drain.workload import Workload
 from agent.events import MESSAGE_IDS, Event
+from agent.fleet import RebalanceTracker
 from agent.hostfacts import HostFacts
 from agent.identity import InstanceIdentity
 from agent.runner import Runner
@@ -74,6 +75,7 @@ class Drainer:
         self._tighter_lock = threading.Lock()
         # Slurm/Ray on this node: detected and looked up now, never after the notice.
         self.schedulers = Schedulers(config, runner, state, clock, default_ray_name=getattr(identity, "local_ipv4", "") or "").prepare()
+        self.rebalances = RebalanceTracker(state, clock, config.fleet.rebalance_window)
         self.shutdown_budget = self._read_shutdown_budget()
         self._lock = threading.Lock()  # one terminal drain at a time
         self._early_lock = threading.Lock()  # one early (rebalance) checkpoint at a time
@@ -158,6 +160,7 @@ class Drainer:
         """Drain for ``event``: once per termination. The same notice again returns the first report."""
         self._terminating.set()
         self.schedulers.interrupted()
+        self.rebalances.interrupted(event.kind)
         with self._lock:
             rec = self._record()
             if rec and not rec.get("finished") and self._abandon_if_stale(rec):
@@ -217,8 +220,10 @@ class Drainer:
         finally:
             self._early_lock.release()
 
-    def scheduler_rebalance(self, event: Event) -> List[str]:
-        """A rebalance recommendation: the Slurm/Ray actions configured for it (agent/schedulers)."""
+    def rebalance_seen(self, event: Event) -> List[str]:
+        """A rebalance recommendation: start the rebalance-to-interruption clock (agent/fleet) and run
+        the Slurm/Ray actions configured for it (agent/schedulers)."""
+        self.rebalances.rebalance()
         return self.schedulers.rebalance(event.kind)
 
     def pending_event(self) -> Optional[Event]:

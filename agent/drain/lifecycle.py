@@ -23,8 +23,9 @@ class LifecycleTarget:
     hook: str
 
 
-def discover(autoscaling: Any, instance_id: str, group: str = "", hook: str = "") -> Optional[LifecycleTarget]:
-    """Our group and its terminating hook (configured names win); None when there is none."""
+def discover(autoscaling: Any, instance_id: str, group: str = "", hook: str = "",
+             transition: str = TERMINATING) -> Optional[LifecycleTarget]:
+    """Our group and its terminating hook (or the ``transition`` one; configured names win); None when there is none."""
     if group and hook:
         return LifecycleTarget(group, hook)
     if not group:
@@ -35,13 +36,13 @@ def discover(autoscaling: Any, instance_id: str, group: str = "", hook: str = ""
         group = found[0]["AutoScalingGroupName"]
     if not hook:
         resp = autoscaling.describe_lifecycle_hooks(AutoScalingGroupName=group)
-        hooks = sorted((h for h in resp.get("LifecycleHooks", []) if h.get("LifecycleTransition") == TERMINATING),
+        hooks = sorted((h for h in resp.get("LifecycleHooks", []) if h.get("LifecycleTransition") == transition),
                        key=lambda h: h["LifecycleHookName"])
         if not hooks:
             return None
         if len(hooks) > 1:
-            log.warning("group %s has %d terminating hooks; completing %s (set [drain.lifecycle] hook to choose)",
-                        group, len(hooks), hooks[0]["LifecycleHookName"])
+            log.warning("group %s has %d %s hooks; completing %s (set the hook name to choose)",
+                        group, len(hooks), transition.rsplit("_", 1)[-1].lower(), hooks[0]["LifecycleHookName"])
         hook = hooks[0]["LifecycleHookName"]
     return LifecycleTarget(group, hook)
 
@@ -50,12 +51,12 @@ def _no_action(exc: Exception) -> bool:
     return "No active Lifecycle Action" in str(exc)
 
 
-def complete(autoscaling: Any, target: LifecycleTarget, instance_id: str) -> Tuple[bool, str]:
-    """CompleteLifecycleAction CONTINUE. (completed, reason). "No active action" is not an error: the
-    action was completed by an earlier attempt, or Auto Scaling is not terminating us."""
+def complete(autoscaling: Any, target: LifecycleTarget, instance_id: str, result: str = "CONTINUE") -> Tuple[bool, str]:
+    """CompleteLifecycleAction CONTINUE (or ABANDON). (completed, reason). "No active action" is not an
+    error: the action was completed by an earlier attempt, or Auto Scaling is not waiting for us."""
     try:
         autoscaling.complete_lifecycle_action(AutoScalingGroupName=target.group, LifecycleHookName=target.hook,
-                                              InstanceId=instance_id, LifecycleActionResult="CONTINUE")
+                                              InstanceId=instance_id, LifecycleActionResult=result)
         return True, ""
     except Exception as exc:  # noqa: BLE001 - botocore ClientError and connection errors alike
         if _no_action(exc):

@@ -58,6 +58,7 @@ class RayCluster:
     def start(self) -> "RayCluster":
         os.makedirs(self.temp_dir, exist_ok=True)
         head = self.ray("start", "--head", f"--port={self.port}", "--include-dashboard=false", f"--temp-dir={self.temp_dir}",
+                        f"--ray-client-server-port={free_port()}",
                         "--node-name=head", *self._common())
         if head.returncode != 0:
             raise RuntimeError(f"ray start --head failed: {head.stdout[-2000:]}\n{head.stderr[-2000:]}")

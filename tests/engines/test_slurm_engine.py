@@ -130,3 +130,23 @@ restore = false
     # n1's checkpoint is committed in S3
     keys = [o["Key"] for o in aws.s3.list_objects_v2(Bucket="gang", Prefix="run-1/").get("Contents", [])]
     assert any(k.startswith("run-1/manifests/") for k in keys) and any(k.endswith("/state.txt") for k in keys), keys
+
+
+def test_rebalance_drains_the_node_only_and_resumes_it_when_no_interruption_follows(slurm_fresh, tmp_path):
+    from agent.clock import SYSTEM_CLOCK
+    from agent.config import parse
+    from agent.runner import Runner
+    from agent.schedulers import Schedulers
+    from agent.state import StateStore
+
+    slurm = slurm_fresh
+    cfg = parse(f'[slurm]\nnode = "n2"\nconf = "{slurm.conf}"\nbin_dir = "/usr/bin"\n'
+                f'rebalance_drain = true\nrebalance_resume_after = 0.5\n')
+    s = Schedulers(cfg, Runner(), StateStore(str(tmp_path / "state.json")), SYSTEM_CLOCK).prepare()
+    assert s.active() == ["slurm"]
+    assert s.rebalance("rebalance-recommendation") == ["slurm: node n2 drained"]
+    info = slurm.node_info("n2")
+    assert "DRAIN" in info["State"] and info["Reason"].startswith("spot-agent: rebalance recommendation"), info
+    wait_for(lambda: "DRAIN" not in slurm.node_info("n2")["State"], 15, "n2 resumed after the quiet period")
+    assert slurm.node_states()["n2"].startswith("IDLE")
+    s.close()
