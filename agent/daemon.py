@@ -333,7 +333,8 @@ class Daemon:
         hooks_run = self._hooks_this_boot(ctx)
         if drained:
             log.warning("this boot's termination (%s) was already drained by an earlier run; not draining again", drained)
-            self.supervisor.mark_drained(drained, hooks_run)
+            rec = ctx.state.get("termination", {}) or {}
+            self.supervisor.mark_drained(drained, hooks_run, rec.get("deadline"), rec.get("key") or "earlier-run")
         elif hooks_run:
             self.supervisor.hook_kinds = list(hooks_run)
         self._start_watchers(ctx)

@@ -20,12 +20,19 @@ TERMINAL_SCHEDULED_CODES = ("instance-stop", "instance-retirement")
 # when it was first seen (fail safe: ignoring a notice with a clear action would lose the checkpoint).
 SPOT_NOTICE_LEAD = 120.0
 
+# A spot notice that was gone (404) this long and then comes back is a new notice: a hibernated
+# instance resumes in the same boot (same boot id, same process), and its next interruption must be
+# seen. Its key then carries the notice's own time.
+SPOT_REARM_ABSENT = 60.0
+
 
 class NoticeTracker:
     def __init__(self, latched: Iterable[str] = ()) -> None:
         self.latched: Set[str] = set(latched)
         self.active: Dict[str, Event] = {}
         self._first_seen: Dict[str, float] = {}
+        self._spot_absent_since: Optional[float] = None
+        self._spot_generation = ""  # "@<notice time>" once a notice came back after being gone
 
     def _fire(self, event: Event) -> List[Event]:
         self.active[event.key] = event
@@ -37,8 +44,14 @@ class NoticeTracker:
     def spot(self, notice: Optional[SpotNotice], now: float) -> List[Event]:
         """``notice`` None means 404. A notice is identified by its action, not its moving ``time``."""
         if notice is None:
+            if self._spot_absent_since is None:
+                self._spot_absent_since = now
             return []
-        key = f"spot:{notice.action}"
+        if (self._spot_absent_since is not None and now - self._spot_absent_since >= SPOT_REARM_ABSENT
+                and any(k.startswith("spot:") for k in self.latched)):
+            self._spot_generation = f"@{int(notice.time if notice.time is not None else now)}"
+        self._spot_absent_since = None
+        key = f"spot:{notice.action}{self._spot_generation}"
         first_seen = self._first_seen.setdefault(key, now)
         # A bad time: the standard lead from the first sighting, so the deadline does not move per poll.
         deadline = notice.time if notice.time is not None else first_seen + SPOT_NOTICE_LEAD

@@ -26,6 +26,10 @@ from agent.notices import scheduled_is_due
 
 log = logging.getLogger(__name__)
 
+# A drained termination whose deadline passed this long ago did not end the instance (a hibernated
+# instance resumed): a new terminal notice then is a new termination and drains again.
+OUTLIVED_GRACE = 120.0
+
 
 def event_fields(event: Event) -> Dict[str, str]:
     return {
@@ -146,11 +150,12 @@ class Supervisor:
                 log.exception("early plan for the rebalance recommendation failed")
         self.on_change()
 
-    def mark_drained(self, kind: str, hook_kinds: Optional[List[str]] = None) -> None:
+    def mark_drained(self, kind: str, hook_kinds: Optional[List[str]] = None, deadline: Optional[float] = None,
+                     key: str = "earlier-run") -> None:
         """This boot's termination was already drained by an earlier run of the agent: never again.
         ``hook_kinds``: the kinds whose hooks already ran for it (each kind's hooks run once)."""
         with self._lock:
-            self.terminal_event = Event(kind, "", None, "earlier-run", self.clock.time(), {})
+            self.terminal_event = Event(kind, "", deadline, key, self.clock.time(), {})
             self.drain_started.set()
             self.drain_done.set()
             self.drain_report = _HooksReport(kind, True, [])
@@ -186,8 +191,21 @@ class Supervisor:
             return "hooks"
         return "already-draining"
 
+    def _outlived(self, event: Event) -> bool:
+        """The drained termination did not happen: its deadline is long past and we are still here."""
+        prev = self.terminal_event
+        return (self.drain_done.is_set() and prev is not None and prev.deadline is not None
+                and event.key != prev.key and self.clock.time() > prev.deadline + OUTLIVED_GRACE)
+
     def _start_drain(self, event: Event) -> str:
         with self._lock:
+            if self._outlived(event):
+                log.warning("the instance outlived the %s drained at %s: %s is a new termination",
+                            self.terminal_event.kind if self.terminal_event else "?",
+                            self.terminal_event.deadline_iso if self.terminal_event else "?", event.kind)
+                self.drain_started.clear()
+                self.drain_done.clear()
+                self.hook_kinds, self.drain_report, self.drain_error = [], None, ""
             if self.drain_started.is_set():
                 joined = True
             else:

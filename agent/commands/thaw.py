@@ -21,7 +21,7 @@ def register(sub):
 
 def run(args) -> int:
     from agent import config as cfgmod
-    from agent.cli import EXIT_FAILED, EXIT_USAGE
+    from agent.cli import EXIT_FAILED
     from agent.drain.freeze import KEY, SECTION, thaw_leftovers
     from agent.hostfacts import HostFacts
     from agent.runner import Runner
@@ -30,8 +30,10 @@ def run(args) -> int:
     try:
         cfg = cfgmod.load(args.config)
     except cfgmod.ConfigError as exc:
-        print(exc.render(), file=sys.stderr)
-        return EXIT_USAGE
+        # A config broken since the agent started must not keep a filesystem frozen (nor fail the
+        # unit's stop): thaw from the default state directory.
+        print(f"spot-agent thaw: {exc.one_line()}; using the default [agent] state_dir", file=sys.stderr)
+        cfg = cfgmod.Config()
     path = os.path.join(cfg.agent.state_dir, "state.json")
     if not os.path.exists(path):
         return 0

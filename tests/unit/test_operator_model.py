@@ -122,3 +122,39 @@ def test_an_earlier_runs_drain_and_hooks_are_not_repeated(tmp_path):
     assert sup.dispatch(Event(SHUTDOWN, "shutdown", now + 90, "shutdown", now)) == "hooks"
     sup.wait(10)
     assert wait_lines(out, 1) == ["shutdown"]
+
+
+def test_a_spot_notice_back_after_a_hibernation_is_a_new_notice():
+    """Hibernate and resume keep the boot id (and the process): the notice that comes after the
+    resume is new, keyed by its own time; a short 404 between polls is still the same notice."""
+    from agent.imds.parse import SpotNotice
+    from agent.notices import NoticeTracker
+
+    now = 1_900_000_000.0
+    t = NoticeTracker()
+    [first] = t.spot(SpotNotice("hibernate", now + 120), now)
+    assert t.spot(None, now + 121) == [] and t.spot(SpotNotice("hibernate", now + 120), now + 122) == []
+    assert t.spot(None, now + 130) == []  # hibernated ... resumed, no notice for a long time
+    assert t.spot(None, now + 3000) == []
+    [second] = t.spot(SpotNotice("hibernate", now + 3100), now + 3001)
+    assert second.key != first.key and second.key == f"spot:hibernate@{int(now + 3100)}"
+    assert t.spot(SpotNotice("hibernate", now + 3100), now + 3002) == []
+    # A fresh boot has no latches: the first notice keeps the plain key.
+    assert NoticeTracker().spot(SpotNotice("stop", now), now - 100)[0].key == "spot:stop"
+
+
+def test_a_terminal_notice_after_the_instance_outlived_its_drain_drains_again(tmp_path):
+    cfg, out = hooks_config(tmp_path)
+    clock = type("C", (Clock,), {"t": 1_900_000_000.0, "time": lambda self: self.t})()
+    drainer = FakeDrainer()
+    drainer.release.set()
+    sup = Supervisor(cfg, clock, drainer)
+    sup.dispatch(Event(SPOT_INTERRUPTION, "hibernate", clock.t + 120, "spot:hibernate", clock.t))
+    assert sup.wait(10)
+    clock.t += 60  # still inside the first termination: the same one
+    assert sup.dispatch(Event(ASG_TERMINATION, "terminate", None, "asg:Terminated", clock.t)) == "hooks"
+    clock.t += 3000  # resumed long after the first deadline
+    later = Event(SPOT_INTERRUPTION, "hibernate", clock.t + 120, "spot:hibernate@1", clock.t)
+    assert sup.dispatch(later) == "drain"
+    assert sup.wait(10)
+    assert drainer.runs == [SPOT_INTERRUPTION, SPOT_INTERRUPTION]
