@@ -289,3 +289,53 @@ def test_a_frozen_filesystem_is_thawed_while_imds_is_down(tmp_path, fake, hook, 
         assert r.returncode == 0 and "thawed" not in r.stdout
     finally:
         subprocess.run(["fsfreeze", "-u", frozen_fs], capture_output=True)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def answers(port: int) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def test_reload_rebinds_the_metrics_listener_or_keeps_the_old_one(imds_sim, hook, tmp_path, fake):
+    old, new = free_port(), free_port()
+    text = config(tmp_path, imds_sim.url, hook[0], fake.toml()).replace(
+        "[metrics]\nenabled = false", f'[metrics]\nenabled = true\nlisten = "127.0.0.1:{old}"')
+    b = AgentProcess(tmp_path, text)
+    try:
+        b.wait_ready()
+        assert answers(old)
+        with open(b.config_path, "w") as fh:
+            fh.write(text.replace(f"127.0.0.1:{old}", f"127.0.0.1:{new}"))
+        b.signal(signal.SIGHUP)
+        wait_log(b, "reloaded")
+        assert answers(new) and not answers(old)
+        assert "metrics.listen" in next(l for l in b.log().splitlines() if "reloaded" in l)
+        # A listener that cannot bind (the port is taken): the old one stays, and the log says so.
+        import socket
+
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        try:
+            with open(b.config_path, "w") as fh:
+                fh.write(text.replace(f"127.0.0.1:{old}", f"127.0.0.1:{taken.getsockname()[1]}"))
+            b.signal(signal.SIGHUP)
+            wait_log(b, "needs a restart, old value kept: metrics")
+            assert answers(new)
+        finally:
+            taken.close()
+    finally:
+        b.stop()
