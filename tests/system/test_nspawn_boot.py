@@ -50,8 +50,9 @@ out = {"scenario": scenario, "steps": []}
 D = "/var/lib/spot-agent-test"
 os.makedirs(D, exist_ok=True)
 
-def sh(*argv, timeout=130):
-    r = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+def sh(*argv, timeout=130, env=None):
+    r = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
+                       env=None if env is None else dict(os.environ, **env))
     out["steps"].append({"argv": list(argv), "rc": r.returncode, "out": r.stdout[-2000:], "err": r.stderr[-2000:], "time": time.time()})
     return r
 
@@ -95,22 +96,43 @@ try:
         sh("systemctl", "reload", "spot-agent.service", timeout=30)
         time.sleep(1)
         out["agent_after_bad_reload"] = show("spot-agent.service")
+        with open(conf, "w") as fh:
+            fh.write(good)
+        # systemctl stop: a plain stop, not a termination. The workload and the guard keep running.
         out["stop_time"] = time.time()
         sh("systemctl", "stop", "spot-agent.service")
-        out["stop_done_time"] = time.time()
         out["agent_after_stop"] = show("spot-agent.service")
-        # `systemctl stop` returns when the agent has drained and exited; the workload's stop job
-        # (ordered after the drain guard's) is still finishing then.
-        out["workload_stopped"] = wait_for(lambda: show("workload.service").get("ActiveState") == "inactive", 40)
+        time.sleep(2)
         out["workload_after_stop"] = show("workload.service")
         out["guard_after_stop"] = show("spot-agent-drain.service")
+        sh("systemctl", "start", "spot-agent.service", timeout=90)
+        out["agent_after_start"] = show("spot-agent.service")
+        out["poweroff_time"] = time.time()
+        # then the driver ends and the machine powers off: that drains, once
     elif scenario == "spot":
+        # A restart (after a config edit) and an upgrade with try-restart leave the workload alone.
+        sh("systemctl", "restart", "spot-agent.service", timeout=90)
+        out["agent_after_restart"] = show("spot-agent.service")
+        out["workload_after_restart"] = show("workload.service")
+        before = out["agent_after_restart"]["MainPID"]
+        sh("dpkg", "-i", "/tmp/spot-agent.deb", timeout=120, env={"SPOT_AGENT_RESTART_ON_UPGRADE": "1"})
+        wait_for(lambda: show("spot-agent.service").get("MainPID") not in ("0", before)
+                 and show("spot-agent.service").get("SubState") == "running", 60)
+        out["agent_after_upgrade"] = show("spot-agent.service")
+        out["workload_after_upgrade"] = show("workload.service")
         out["trigger_time"] = time.time()
         sh("spot-agent", "simulate", "trigger", "spot", "--action", "terminate", "--in", "120", "--endpoint", sim, timeout=30)
         out["hook_ran"] = wait_for(lambda: os.path.exists(D + "/hook-spot-interruption.log"), 20)
         out["checkpointed"] = wait_for(lambda: os.path.exists("/var/lib/workload/checkpoint.done"), 20)
         time.sleep(1)
         out["agent_after_notice"] = show("spot-agent.service")
+    elif scenario == "reboot":
+        # A spot `stop` notice on every boot: the same notice key each time.
+        out["trigger_time"] = time.time()
+        sh("spot-agent", "simulate", "trigger", "spot", "--action", "stop", "--in", "120", "--endpoint", sim, timeout=30)
+        out["hook_ran"] = wait_for(lambda: os.path.exists(D + "/hook-spot-interruption.log"), 20)
+        out["checkpointed"] = wait_for(lambda: "checkpoint" in open("/var/lib/workload/events.log").read(), 20)
+        time.sleep(1)
     # scenario "poweroff": nothing more; the shutdown itself is the test.
 except Exception as exc:  # the host reports it
     out["error"] = repr(exc)
@@ -204,8 +226,10 @@ def write(path: Path, text: str, mode: int) -> None:
     path.chmod(mode)
 
 
-def prepare(root: Path, scenario: str, sim: str) -> None:
+def prepare(root: Path, scenario: str, sim: str, deb: Path = None) -> None:
     write(root / "etc/spot-agent/agent.toml", agent_config(sim), 0o640)
+    if deb is not None:  # the upgrade: the same package again, installed inside the booted machine
+        run(["cp", str(deb), str(root / "tmp/spot-agent.deb")])
     write(root / "usr/local/bin/spot-test-hook", HOOK, 0o755)
     write(root / "usr/local/bin/spot-test-driver", DRIVER, 0o755)
     etc = root / "etc/systemd/system"
@@ -302,7 +326,7 @@ def assert_drained_before_workload_stopped(root: Path, entries: List[Dict[str, s
 
 
 @pytest.mark.slow
-def test_reload_and_systemctl_stop_drain_before_the_workload(root: Path, simulator: str, tmp_path: Path):
+def test_reload_and_systemctl_stop_leave_the_workload_and_poweroff_drains(root: Path, simulator: str, tmp_path: Path):
     prepare(root, "stop", simulator)
     console = boot(root, tmp_path)
     res = results(root, console)
@@ -323,28 +347,48 @@ def test_reload_and_systemctl_stop_drain_before_the_workload(root: Path, simulat
             if "keeping the old config" in e.get("MESSAGE", "") and int(e["__REALTIME_TIMESTAMP"]) / 1e6 >= res["bad_reload_time"]]
     assert kept, "a bad config on reload was not reported:\n" + describe(entries)
 
-    # systemctl stop: the guard unit stops first and drains while the workload still runs.
+    # systemctl stop: the agent exits without a drain; the workload and the drain guard keep running.
     stop_step = next(s for s in res["steps"] if s["argv"][:2] == ["systemctl", "stop"])
     assert stop_step["rc"] == 0, stop_step
     assert res["agent_after_stop"]["ActiveState"] == "inactive" and res["agent_after_stop"]["Result"] == "success"
-    assert res["workload_stopped"], "stopping the agent did not stop the workload that Requires= it"
-    assert res["guard_after_stop"]["ActiveState"] == "inactive"
+    assert res["workload_after_stop"]["ActiveState"] == "active"
+    assert res["workload_after_stop"]["MainPID"] == res["workload"]["MainPID"], "stopping the agent restarted the workload"
+    assert res["guard_after_stop"]["ActiveState"] == "active", "a stop of the agent stopped the drain guard"
+    assert res["agent_after_start"]["ActiveState"] == "active"
+    events = workload_events(root)
+    assert not [t for t, what in events if what.startswith("SIGUSR1") and t < res["poweroff_time"]], events
+    agent = unit_messages(entries, "spot-agent.service")
+    assert any("exiting without a drain" in e.get("MESSAGE", "") for e in agent), describe(entries)
+    # The poweroff at the end drains, once, before the workload is stopped.
     assert_drained_before_workload_stopped(root, entries, "shutdown")
-    shutdown = [e for e in unit_messages(entries, "spot-agent.service")
-                if e.get("EVENT_KIND") == "shutdown" and e.get("MESSAGE_ID") == MESSAGE_IDS["shutdown"]]
+    assert_drained_once(entries, events)
+    shutdown = [e for e in agent if e.get("EVENT_KIND") == "shutdown" and e.get("MESSAGE_ID") == MESSAGE_IDS["shutdown"]]
     assert shutdown, "no journal entry with EVENT_KIND=shutdown and its MESSAGE_ID:\n" + describe(entries)
     guard = [e.get("MESSAGE", "") for e in unit_messages(entries, "spot-agent-drain.service")]
-    assert any("has drained and exited" in m for m in guard), guard
+    assert any("drain shutdown done" in m for m in guard), guard
 
 
 @pytest.mark.slow
-def test_spot_notice_from_the_simulator_runs_the_hook(root: Path, simulator: str, tmp_path: Path):
+def test_restart_and_upgrade_leave_the_workload_and_a_spot_notice_still_drains(root: Path, simulator: str,
+                                                                               tmp_path: Path, deb):
     run([sys.executable, "-m", "agent", "simulate", "trigger", "clear", "--endpoint", simulator])
-    prepare(root, "spot", simulator)
+    prepare(root, "spot", simulator, deb.path)
     console = boot(root, tmp_path)
     res = results(root, console)
     entries = journal(root)
     assert_gated_start(res, entries)
+
+    # systemctl restart spot-agent, then an upgrade with SPOT_AGENT_RESTART_ON_UPGRADE=1 (try-restart):
+    # a new agent each time, the same workload process, never asked to checkpoint.
+    pids = [res["agent"]["MainPID"], res["agent_after_restart"]["MainPID"], res["agent_after_upgrade"]["MainPID"]]
+    assert len(set(pids)) == 3 and "0" not in pids, pids
+    assert res["agent_after_upgrade"]["ActiveState"] == "active"
+    upgrade = next(s for s in res["steps"] if s["argv"][:2] == ["dpkg", "-i"])
+    assert upgrade["rc"] == 0, upgrade
+    for key in ("workload_after_restart", "workload_after_upgrade"):
+        assert res[key]["MainPID"] == res["workload"]["MainPID"] and res[key]["ActiveState"] == "active", res[key]
+    events = workload_events(root)
+    assert not [t for t, what in events if what.startswith("SIGUSR1") and t < res["trigger_time"]], events
 
     trigger = next(s for s in res["steps"] if "trigger" in s["argv"])
     assert trigger["rc"] == 0, trigger
@@ -368,6 +412,7 @@ def test_spot_notice_from_the_simulator_runs_the_hook(root: Path, simulator: str
     assert res["checkpointed"]
     events = workload_events(root)
     assert first(events, "SIGUSR1") < first(events, "checkpoint") < first(events, "SIGTERM")
+    assert_drained_once(entries, events)  # the poweroff after the notice is the same termination
 
 
 @pytest.mark.slow
@@ -389,3 +434,36 @@ def test_poweroff_drains_before_the_workload_is_killed(root: Path, simulator: st
         shutdown = [e for e in unit_messages(entries, "spot-agent.service")
                     if e.get("EVENT_KIND") == "shutdown" and e.get("MESSAGE_ID") == MESSAGE_IDS["shutdown"]]
         assert shutdown, f"boot {n}: no journal entry with EVENT_KIND=shutdown and its MESSAGE_ID:\n" + describe(entries)
+        assert_drained_once(entries, workload_events(root))
+
+
+@pytest.mark.slow
+def test_a_stop_notice_on_each_boot_drains_each_boot_once(root: Path, simulator: str, tmp_path: Path):
+    """A spot instance stopped and started again: the same root booted twice, a spot `stop` notice (the
+    same notice key) on each boot. Latches and drain records belong to a boot, so each boot drains."""
+    prepare(root, "reboot", simulator)
+    boots = []
+    for n in (1, 2):
+        run([sys.executable, "-m", "agent", "simulate", "trigger", "clear", "--endpoint", simulator])
+        for f in [root / "var/lib/workload/events.log", root / "var/lib/spot-agent-test/hook-spot-interruption.log",
+                  root / "var/lib/spot-agent-test/results.json"]:
+            f.unlink(missing_ok=True)
+        since = time.time()
+        console = boot(root, tmp_path)
+        res = results(root, console)
+        entries = [e for e in journal(root) if int(e["__REALTIME_TIMESTAMP"]) / 1e6 >= since]
+        assert_gated_start(res, entries)
+        assert res["hook_ran"] and res["checkpointed"], f"boot {n}: the stop notice did not drain:\n" + describe(entries)
+        assert hook_log(root, "spot-interruption")["SPOT_AGENT_ACTION"] == "stop"
+        events = workload_events(root)
+        assert first(events, "SIGUSR1") < first(events, "checkpoint") < first(events, "SIGTERM")
+        assert_drained_once(entries, events)
+        boots.append({e["_BOOT_ID"] for e in unit_messages(entries, "spot-agent.service")})
+    assert len(boots[0] | boots[1]) == 2, "not two boots"
+
+
+def assert_drained_once(entries: List[Dict[str, str]], events: List[tuple]) -> None:
+    """One drain in this boot: one plan in the agent's journal, one checkpoint request to the workload."""
+    plans = [e for e in unit_messages(entries, "spot-agent.service") if e.get("MESSAGE", "").startswith("drain plan for")]
+    assert len(plans) == 1, "expected one drain in this boot:\n" + describe(entries)
+    assert [what for _, what in events].count("SIGUSR1") == 1, events
