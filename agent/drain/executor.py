@@ -315,6 +315,9 @@ class Drainer:
         rec["finished"] = True
         rec["report"] = report.to_dict()
         self._save(slot, rec)
+        if slot == "run":
+            with self._tighter_lock:
+                self._tighter = None  # it belonged to this termination, not to a later one
         self._finish_metrics(report, slot)
         self.progress(report.summary())
         level = logging.INFO if report.ok else logging.ERROR
