@@ -32,7 +32,7 @@ from agent import __version__, hostfacts, metrics
 from agent.clock import SYSTEM_CLOCK, Clock
 from agent.config import Config, ConfigError, load
 from agent.daemon_context import Context, build_context
-from agent.events import MANUAL, SHUTDOWN, Event
+from agent.events import MANUAL, SHUTDOWN, TERMINAL_KINDS, Event
 from agent.hostfacts import HostFacts
 from agent.runner import Runner
 from agent.state import StateStore, agent_dirs_problem, atomic_write
@@ -135,6 +135,7 @@ class Daemon:
             "instance": ident,
             "imds": dict(self.imds_health),
             "notices": [{k: v for k, v in e.to_dict().items() if k != "raw"} for e in sup.active_notices()],
+            "notice": self.notice()["notice"],
             "deadline": sup.deadline,
             "mounts": mounts,
             "datasets": list(self.datasets.values()),
@@ -153,12 +154,40 @@ class Daemon:
         """Write the status file (read by `spot-agent status` when the socket is not there)."""
         import json
 
+        self._sync_notice()
+
         with self._status_lock:
             try:
                 atomic_write(os.path.join(self.config.agent.state_dir, "status.json"),
                              json.dumps(self.status(), default=str).encode(), mode=0o600)
             except OSError as exc:
                 log.debug("cannot write status file: %s", exc)
+
+    def _workload(self) -> Any:
+        return getattr(self.supervisor.drainer, "workload", None)
+
+    def _sync_notice(self) -> None:
+        """notice.json for a notice that does not drain (yet): a rebalance recommendation or a
+        scheduled event not due, withdrawn when it is cancelled. A drain publishes its own notice
+        in its notify step, before the signal."""
+        wl = self._workload()
+        if wl is None or self.supervisor.drain_started.is_set():
+            return
+        try:
+            waiting = [e for e in self.supervisor.active_notices() if e.kind not in TERMINAL_KINDS]
+            waiting.sort(key=lambda e: (e.deadline is None, e.deadline or 0.0))
+            current = (wl.channel.current or {}).get("key")
+            if waiting and waiting[0].key != current:
+                wl.publish(waiting[0], waiting[0].deadline, terminal=False)
+            elif not waiting and current:
+                wl.withdraw()
+        except Exception:  # noqa: BLE001 - the notice file must never break the status path
+            log.warning("cannot update the notice file", exc_info=True)
+
+    def notice(self) -> Dict[str, Any]:
+        """The status socket's ``notice`` request: what notice.json holds (or null)."""
+        wl = self._workload()
+        return {"notice": getattr(getattr(wl, "channel", None), "current", None)}
 
     def alive(self) -> bool:
         interval = max(5.0, 3 * (watchdog_interval() or 1.0))
@@ -295,7 +324,7 @@ class Daemon:
                 self._http = None
         try:
             self._status_server = StatusServer(self.config.agent.socket, self.status,
-                                               commands={"drain-shutdown": self._shutdown_request})
+                                               commands={"drain-shutdown": self._shutdown_request, "notice": self.notice})
             self._status_server.start()
         except OSError as exc:
             log.error("status socket %s: %s (continuing without it)", self.config.agent.socket, exc)

@@ -232,19 +232,23 @@ class Workload:
         has_hooks = bool(matching(self.hooks, event_kind))
         return profiles.conditions(self.section, has_hooks, self.resolved.commit_dir, self.resolved.commit_file)[0]
 
-    def notice_for(self, event: Event, deadline: Optional[float], save_by: Optional[float], now: float) -> Dict[str, Any]:
+    def notice_for(self, event: Event, deadline: Optional[float], save_by: Optional[float], now: float,
+                   terminal: Optional[bool] = None) -> Dict[str, Any]:
         r = self.resolved
-        return notice_document(event.kind, event.action, event.key, deadline, now, event.kind in TERMINAL_KINDS,
+        terminal = event.kind in TERMINAL_KINDS if terminal is None else terminal
+        return notice_document(event.kind, event.action, event.key, deadline, now, terminal,
                                save_by, {"dir": r.commit_dir, "commit_file": r.commit_file, "profile": r.profile,
                                          "complete": self.conditions(event.kind), "mode": r.mode,
                                          "ack_dir": r.ack_dir})
 
-    def publish(self, event: Event, deadline: Optional[float], save_by: Optional[float] = None) -> Optional[str]:
-        """The notice file for ``event``; acks left from an earlier notice are cleared first."""
+    def publish(self, event: Event, deadline: Optional[float], save_by: Optional[float] = None,
+                terminal: Optional[bool] = None) -> Optional[str]:
+        """The notice file for ``event``; acks left from an earlier notice are cleared first.
+        ``terminal``: the job is to checkpoint and stop (a drain's notify step says so for any kind)."""
         if event.key != self._notice_key:
             self.channel.clear_acks()
         self._notice_key = event.key
-        return self.channel.publish(self.notice_for(event, deadline, save_by, time.time()))
+        return self.channel.publish(self.notice_for(event, deadline, save_by, time.time(), terminal))
 
     def withdraw(self) -> None:
         self._notice_key = ""
@@ -262,7 +266,7 @@ class Workload:
             self._commits_before = existing_commits(r.commit_dir, r.commit_file)
         # the file first: a job that reacts to the signal can read the deadline at once
         deadline = body.get("deadline") if isinstance(body.get("deadline"), (int, float)) else event.deadline
-        why = self.publish(event, deadline, time.time() + max(0.0, hooks_budget))
+        why = self.publish(event, deadline, time.time() + max(0.0, hooks_budget), terminal=True)
         if why:
             out.errors.append(why)
         else:
