@@ -351,8 +351,10 @@ class Daemon:
         if ctx.clients is not None:
             from agent.fleet import LaunchHook  # the launching lifecycle hook: heartbeats until READY
 
-            self.launch_hook = LaunchHook(cfg.fleet, cfg.drain.lifecycle.group, ctx.clients.autoscaling,
-                                          ctx.identity.instance_id, ctx.state).start()
+            clients = ctx.clients
+            self.launch_hook = LaunchHook(cfg.fleet, cfg.drain.lifecycle.group, clients.autoscaling,
+                                          ctx.identity.instance_id, ctx.state,
+                                          budgeted=lambda s: clients.budgeted(s, self.clock, "launch lifecycle").autoscaling).start()
         if ctx.imds_disabled:
             self.imds_health = {"up": False, "disabled": True, "last_success": 0.0}
             metrics.IMDS_DISABLED.set(1)

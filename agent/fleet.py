@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from agent import metrics
 from agent.drain import lifecycle as lc
@@ -30,11 +30,17 @@ SECTION = "fleet"
 INTERRUPTIONS = (SPOT_INTERRUPTION, ASG_TERMINATION)
 
 
+CALL_BUDGET = 20.0  # seconds each discovery or completion may retry through throttling (agent.aws.Budgeted)
+
+
 class LaunchHook:
-    def __init__(self, fleet: Any, group: str, autoscaling: Any, instance_id: str, state: Any) -> None:
+    def __init__(self, fleet: Any, group: str, autoscaling: Any, instance_id: str, state: Any,
+                 budgeted: Optional[Callable[[float], Any]] = None) -> None:
         self.fleet = fleet
         self.group = group
         self.autoscaling = autoscaling
+        # the Auto Scaling client with its calls retried for a few seconds (Clients.budgeted); heartbeats retry on their own
+        self._budgeted = budgeted or (lambda seconds: autoscaling)
         self.instance_id = instance_id
         self.state = state
         self.target: Optional[lc.LifecycleTarget] = None
@@ -50,7 +56,8 @@ class LaunchHook:
             self._done = True  # this boot's launch action was answered by an earlier run of the agent
             return self
         try:
-            self.target = lc.discover(self.autoscaling, self.instance_id, self.group, self.fleet.launch_hook, transition=LAUNCHING)
+            self.target = lc.discover(self._budgeted(CALL_BUDGET), self.instance_id, self.group, self.fleet.launch_hook,
+                                      transition=LAUNCHING)
         except Exception as exc:  # noqa: BLE001 - no launch hook answer is not a reason to stop starting
             log.warning("launch lifecycle hook discovery failed: %s", exc)
             return self
@@ -73,7 +80,7 @@ class LaunchHook:
             return False
         self._done = True
         try:
-            completed, reason = lc.complete(self.autoscaling, self.target, self.instance_id, result=result)
+            completed, reason = lc.complete(self._budgeted(CALL_BUDGET), self.target, self.instance_id, result=result)
         except Exception as exc:  # noqa: BLE001 - the group's hook timeout decides then
             log.error("launch lifecycle action %s failed: %s", result, exc)
             return False

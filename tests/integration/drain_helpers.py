@@ -22,19 +22,19 @@ HOOK = "drain-hook"
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def asg_identity(aws):
-    """An instance launched by a group with a terminating lifecycle hook."""
+def asg_identity(aws, group: str = GROUP, hook: str = HOOK, transition: str = "autoscaling:EC2_INSTANCE_TERMINATING"):
+    """An instance launched by a group with a lifecycle hook (terminating, unless ``transition`` says)."""
     from agent.identity import InstanceIdentity
 
-    aws.ec2.create_launch_template(LaunchTemplateName="train-template",
+    aws.ec2.create_launch_template(LaunchTemplateName=f"{group}-template",
                                    LaunchTemplateData={"ImageId": "ami-12345678", "InstanceType": "m5.large"})
-    aws.autoscaling.create_auto_scaling_group(AutoScalingGroupName=GROUP, LaunchTemplate={"LaunchTemplateName": "train-template"},
+    aws.autoscaling.create_auto_scaling_group(AutoScalingGroupName=group, LaunchTemplate={"LaunchTemplateName": f"{group}-template"},
                                               MinSize=1, MaxSize=1, DesiredCapacity=1, AvailabilityZones=["us-east-1a"])
-    aws.autoscaling.put_lifecycle_hook(AutoScalingGroupName=GROUP, LifecycleHookName=HOOK,
-                                       LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING",
+    aws.autoscaling.put_lifecycle_hook(AutoScalingGroupName=group, LifecycleHookName=hook,
+                                       LifecycleTransition=transition,
                                        HeartbeatTimeout=300, DefaultResult="ABANDON")
-    group = aws.autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[GROUP])["AutoScalingGroups"][0]
-    iid = group["Instances"][0]["InstanceId"]
+    found = aws.autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[group])["AutoScalingGroups"][0]
+    iid = found["Instances"][0]["InstanceId"]
     return InstanceIdentity(instance_id=iid, instance_type="m5.large", availability_zone="us-east-1a", region="us-east-1")
 
 

@@ -9,21 +9,14 @@ import time
 from agent.sim.imds_server import Identity, IMDSSimulator
 from agent.sim.localaws import lifecycle_calls
 from tests.daemon_harness import AgentProcess
+from tests.integration.drain_helpers import asg_identity
 
 GROUP = "train-launch"
 HOOK = "warm-before-service"
 
 
 def launched_instance(aws) -> str:
-    aws.ec2.create_launch_template(LaunchTemplateName="launch-template",
-                                   LaunchTemplateData={"ImageId": "ami-12345678", "InstanceType": "m5.large"})
-    aws.autoscaling.create_auto_scaling_group(AutoScalingGroupName=GROUP, LaunchTemplate={"LaunchTemplateName": "launch-template"},
-                                              MinSize=1, MaxSize=1, DesiredCapacity=1, AvailabilityZones=["us-east-1a"])
-    aws.autoscaling.put_lifecycle_hook(AutoScalingGroupName=GROUP, LifecycleHookName=HOOK,
-                                       LifecycleTransition="autoscaling:EC2_INSTANCE_LAUNCHING",
-                                       HeartbeatTimeout=300, DefaultResult="ABANDON")
-    group = aws.autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[GROUP])["AutoScalingGroups"][0]
-    return group["Instances"][0]["InstanceId"]
+    return asg_identity(aws, GROUP, HOOK, "autoscaling:EC2_INSTANCE_LAUNCHING").instance_id
 
 
 def config(tmp_path, sim, aws, dataset_bucket: str) -> str:
