@@ -137,22 +137,11 @@ def owner_fields(f: LocalFile) -> Dict[str, int]:
     return {"uid": f.uid, "gid": f.gid, "mode": f.mode}
 
 
-MAX_ID = 2 ** 32 - 2  # (uid_t)-1 means "leave unchanged" to chown: never a real owner
-
-
-def entry_owner(e: Any) -> Any:
-    """A manifest entry's (uid, gid, mode), None when it has none (a manifest from before they were
-    recorded: the restore gives such files the checkpoint dir's owner, mode 0644), or a reason string
-    when they are not valid."""
-    if not isinstance(e, dict) or not any(k in e for k in ("uid", "gid", "mode")):
-        return None
-    vals = []
-    for k, hi in (("uid", MAX_ID), ("gid", MAX_ID), ("mode", 0o7777)):
-        v = e.get(k)
-        if type(v) is not int or not 0 <= v <= hi:
-            return f"{k} must be an integer from 0 to {hi}, not {v!r}"
-        vals.append(v)
-    return vals[0], vals[1], vals[2]
+def entry_owner(e: dict) -> Tuple[Optional[Tuple[int, int]], Optional[int]]:
+    """A validated manifest entry's ((uid, gid), mode); None for what it does not record (a manifest
+    from before they were recorded): restore then uses the checkpoint dir's owner and mode 0644."""
+    uid, gid = e.get("uid"), e.get("gid")
+    return ((uid, gid) if isinstance(uid, int) and isinstance(gid, int) else None), e.get("mode")
 
 
 def scan(root: str, root_fd: Optional[int] = None, refused: Optional[List[str]] = None) -> List[LocalFile]:
@@ -454,9 +443,10 @@ class CheckpointStore:
         """Restore the files of one committed manifest (a gang restores its shard at a chosen step)."""
         t0 = time.monotonic()
         res = RestoreResult(False, doc["id"])
-        first = next((o for o in map(entry_owner, doc["files"]) if isinstance(o, tuple)), None)
+        # A checkpoint dir that restore has to create belongs to the (first) file owner it records.
+        first = next((o for o, _m in map(entry_owner, doc["files"]) if o is not None), None)
         try:
-            root_fd = safefs.open_root(self.ck.dir, create=True, owner=first[:2] if first else None, what="checkpoint dir")
+            root_fd = safefs.open_root(self.ck.dir, create=True, owner=first, what="checkpoint dir")
         except (OSError, safefs.UnsafePath) as exc:
             res.error = str(exc) if isinstance(exc, safefs.UnsafePath) else f"checkpoint dir {self.ck.dir}: {exc.strerror}"
             res.error_messages.append(res.error)
@@ -495,13 +485,10 @@ class CheckpointStore:
                 if verdict.path is None or verdict.path != e.get("path") or not str(e.get("key", "")).startswith("data/"):
                     res.error_messages.append(f"manifest entry {e.get('path')!r} refused: {verdict.reason or 'bad key'}")
                     continue
-                owner = entry_owner(e)
-                if isinstance(owner, str):
-                    res.error_messages.append(f"manifest entry {e.get('path')!r} refused: {owner}")
-                    continue
+                owner, mode = entry_owner(e)
                 try:
                     item = Download(self.prefix + e["key"], verdict.path, int(e["size"]), "", True, "restore")
-                    job = dl.job(item, int(cs.get("part_size") or 0), list(cs.get("parts") or []), cs.get("algorithm", "sha256"), owner)
+                    job = dl.job(item, int(cs.get("part_size") or 0), list(cs.get("parts") or []), cs.get("algorithm", "sha256"), owner, mode)
                 except (KeyError, ValueError, TypeError) as exc:
                     res.error_messages.append(f"manifest entry {e.get('path')!r} refused: {exc}")
                     continue

@@ -128,7 +128,8 @@ class _Job:
         self.md5 = hashlib.md5() if len(chunks) == 1 else None
         self.verify_md5 = expect is None and plain_md5_etag(item.etag) is not None
         self.parent_fd = -1  # the directory the temp file was created in (and is renamed within)
-        self.owner: Optional[Tuple[int, int, int]] = None  # (uid, gid, mode) to give the file, from a manifest
+        self.owner: Optional[Tuple[int, int]] = None  # (uid, gid) to give the file, from a manifest
+        self.mode: Optional[int] = None  # permission bits to give it
 
 
 class Downloader:
@@ -160,16 +161,17 @@ class Downloader:
 
     # -- planning a file into chunk tasks -------------------------------------------------------
     def job(self, item: Download, part_size: int = 0, expect: Optional[List[str]] = None, algorithm: str = "sha256",
-            owner: Optional[Tuple[int, int, int]] = None) -> _Job:
+            owner: Optional[Tuple[int, int]] = None, mode: Optional[int] = None) -> _Job:
         """``part_size``/``expect``: fetch in exactly these parts and check each part's checksum.
-        ``owner``: (uid, gid, mode) the file (and directories created for it) are given."""
+        ``owner``: (uid, gid) the file and the directories created for it get; ``mode``: its
+        permission bits (setuid/setgid never applied)."""
         if expect is not None:
             step = part_size or max(1, item.size)
             chunks = [(s, min(s + step, item.size) - 1) for s in range(0, item.size, step)] or [(0, -1)]
             if len(chunks) != len(expect):
                 raise ValueError(f"{item.key}: manifest lists {len(expect)} part checksums for {len(chunks)} parts")
             job = _Job(item, chunks, expect, algorithm)
-            job.owner = owner
+            job.owner, job.mode = owner, mode
             return job
         if item.size < self.threshold or item.size <= self.part_size:
             return _Job(item, [(0, item.size - 1)])
@@ -222,9 +224,7 @@ class Downloader:
 
     # -- the local side ---------------------------------------------------------------------
     def _owner_of(self, job: _Job) -> Optional[Tuple[int, int]]:
-        if job.owner is not None:
-            return job.owner[0], job.owner[1]
-        return self.default_owner
+        return job.owner if job.owner is not None else self.default_owner
 
     def _open_parent(self, job: _Job) -> int:
         """The file's directory as an fd, created (0755, the file's owner) where missing."""
@@ -352,8 +352,8 @@ class Downloader:
         try:
             if owner is not None:
                 os.fchown(job.fd, owner[0], owner[1])
-            if job.owner is not None:
-                os.fchmod(job.fd, job.owner[2] & 0o777)  # never a setuid/setgid/sticky bit from a manifest
+            if job.mode is not None:
+                os.fchmod(job.fd, job.mode & 0o1777)  # never a setuid/setgid bit from a manifest
         except OSError as exc:
             raise LocalError(f"cannot set owner/mode: {exc.strerror}") from None
         mtime_ns = os.fstat(job.fd).st_mtime_ns

@@ -189,3 +189,36 @@ def test_restored_files_keep_their_owner_and_mode(s3, arena, job, tmp_path):
     # The job rotates its restored checkpoint as its own uid.
     os.chmod(arena.base / "new-volume", 0o755)
     job.run(f"os.unlink({str(dest / 'step-1' / 'w.pt')!r}); os.rmdir({str(dest / 'step-1')!r}); open({str(dest / 'latest')!r}, 'w').write('x')")
+
+
+def rewrite_manifest(s3, st: CheckpointStore, change) -> None:
+    import json
+
+    cid = st.committed_ids()[-1]
+    doc = json.loads(s3.get_object(Bucket=BUCKET, Key=st.manifest_key(cid))["Body"].read())
+    for e in doc["files"]:
+        change(e)
+    s3.put_object(Bucket=BUCKET, Key=st.manifest_key(cid), Body=json.dumps(doc).encode())
+
+
+def test_owner_and_mode_defaults_for_old_manifests_and_no_setuid_from_a_hostile_one(s3, arena, job, tmp_path):
+    src = arena.home / "src"
+    job_files(job, src, {"bin/tool": b"#!/bin/sh\necho job\n"})
+    st = store(s3, src, tmp_path / "state")
+    assert st.upload(settled=True).committed
+    # A manifest from before owner and mode were recorded: files get the checkpoint dir's owner, 0644.
+    rewrite_manifest(s3, st, lambda e: [e.pop(k) for k in ("uid", "gid", "mode")])
+    old = arena.home / "old"
+    job.run(f"os.mkdir({str(old)!r})")
+    rr = store(s3, old, tmp_path / "state-old").restore()
+    assert rr.restored, rr.error
+    s = os.lstat(old / "bin" / "tool")
+    assert (s.st_uid, s.st_gid, s.st_mode & 0o7777) == (JOB_UID, JOB_GID, 0o644)
+    assert os.lstat(old / "bin").st_uid == JOB_UID
+    # A hostile manifest asks for a setuid-root executable: owner as recorded, never the setuid bit.
+    rewrite_manifest(s3, st, lambda e: e.update(uid=0, gid=0, mode=0o4755))
+    evil = arena.base / "evil"
+    rr = store(s3, evil, tmp_path / "state-evil").restore()
+    assert rr.restored, rr.error
+    s = os.lstat(evil / "bin" / "tool")
+    assert (s.st_uid, s.st_mode & 0o7777) == (0, 0o755)
