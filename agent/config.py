@@ -440,7 +440,7 @@ def insecure_reason(path: str) -> Optional[str]:
     and every symlink on the way (and in each link's target) must be owned by root, and none of them
     writable by group or others; otherwise a local user could make the agent run code as root.
     """
-    return untrusted_reason(path, kind="file")
+    return untrusted_reason(os.path.abspath(path), kind="file")
 
 
 def load(path: str, strict_permissions: Optional[bool] = None) -> Config:

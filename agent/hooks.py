@@ -53,6 +53,13 @@ def hook_label(hook: HookSection) -> str:
     return os.path.basename(hook.command[0])
 
 
+def _deadline_iso(event: Event) -> str:
+    try:
+        return event.deadline_iso
+    except (ValueError, OverflowError, OSError):  # a deadline no datetime can hold: say nothing
+        return ""
+
+
 def hook_env(event: Event, hook: HookSection) -> Dict[str, str]:
     env = {
         "PATH": os.environ.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
@@ -60,7 +67,7 @@ def hook_env(event: Event, hook: HookSection) -> Dict[str, str]:
         "SPOT_AGENT_EVENT": event.kind,
         "SPOT_AGENT_ACTION": event.action,
         "SPOT_AGENT_DEADLINE": "" if event.deadline is None else str(int(event.deadline)),
-        "SPOT_AGENT_DEADLINE_ISO": event.deadline_iso,
+        "SPOT_AGENT_DEADLINE_ISO": _deadline_iso(event),
     }
     env.update(hook.env)
     # exec refuses a NUL anywhere in the environment: the hook would not run at all. IMDS strings are

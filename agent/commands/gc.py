@@ -51,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
     except cfgmod.ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return 2
+    if not 0 <= args.max_age_days <= 999999:  # timedelta's limit is 999999999 days; a million is plenty
+        print("spot-agent gc: --max-age-days must be 0..999999", file=sys.stderr)
+        return 2
     if args.keep is not None and args.keep < 1:
         print("spot-agent gc: --keep must be at least 1", file=sys.stderr)
         return 2

@@ -117,8 +117,19 @@ def parse_iso_time(value: Any) -> float:
     if tz and tz != "Z":
         sign = 1 if tz[0] == "+" else -1
         digits = tz[1:].replace(":", "")
+        if int(digits[:2]) > 23 or int(digits[2:]) > 59:
+            raise BadAnswer("bad-time", f"not a valid UTC offset: {value!r}")
         offset = sign * (int(digits[:2]) * 3600 + int(digits[2:]) * 60)
-    return base + frac - offset
+    return _in_range(base + frac - offset, value)
+
+
+_LATEST = 253402300799.0  # 9999-12-31T23:59:59Z: later would overflow every datetime made from it
+
+
+def _in_range(epoch: float, value: Any) -> float:
+    if not 0 <= epoch <= _LATEST:
+        raise BadAnswer("bad-time", f"outside 1970..9999: {value!r}")
+    return epoch
 
 
 _MONTHS = {m: i for i, m in enumerate(["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"], 1)}
@@ -138,9 +149,10 @@ def parse_imds_date(value: Any) -> float:
             raise BadAnswer("bad-time", f"not a date like '21 Jan 2019 09:00:43 GMT': {value!r}") from None
     day, mon, year, hh, mm, ss = int(m.group(1)), _MONTHS[m.group(2)], int(m.group(3)), int(m.group(4)), int(m.group(5)), int(m.group(6))
     try:
-        return float(calendar.timegm(_dt.datetime(year, mon, day, hh, mm, ss).timetuple()))
+        epoch = float(calendar.timegm(_dt.datetime(year, mon, day, hh, mm, ss).timetuple()))
     except ValueError:
         raise BadAnswer("bad-time", f"not a valid date: {value!r}") from None
+    return _in_range(epoch, value)
 
 
 def parse_instance_action(text: str) -> SpotNotice:

@@ -128,3 +128,13 @@ def test_nul_in_argv_is_a_reported_failure_not_a_silent_one(tmp_path):
     cmd = script(tmp_path, "h.sh", "exit 0\n")
     r = run_hook(HookSection(on=[SPOT_INTERRUPTION], command=[cmd, "a\x00b"]), 4, EVENT)
     assert not r.ok and r.error.startswith("hooks[4].command:") and "null" in r.error
+
+
+def test_a_deadline_no_date_can_hold_still_runs_the_hook(tmp_path):
+    """deadline_iso raised for a year past 9999 inside the hook thread: the hook silently did not run."""
+    out = tmp_path / "iso"
+    cmd = script(tmp_path, "h.sh", f'printf "%s" "$SPOT_AGENT_DEADLINE_ISO" > {out}\n')
+    event = Event(SPOT_INTERRUPTION, "terminate", 1e15, "spot:terminate", 1795999880.0, {})
+    r = run_hook(HookSection(on=[SPOT_INTERRUPTION], command=[cmd]), 0, event)
+    assert r.ok, r
+    assert out.read_text() == ""

@@ -36,7 +36,7 @@ PATHS = {watcher_mod.SPOT: "spot/instance-action", watcher_mod.REBALANCE: "event
          watcher_mod.SCHEDULED: "events/maintenance/scheduled", watcher_mod.LIFECYCLE: "autoscaling/target-lifecycle-state"}
 
 
-@settings(max_examples=120, deadline=None, database=None,
+@settings(max_examples=120, deadline=None, database=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(path=st.sampled_from(sorted(PATHS)), body=bodies)
 def test_any_body_is_an_event_or_a_counted_bad_answer(sim, client, path, body):

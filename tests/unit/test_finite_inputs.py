@@ -93,7 +93,7 @@ def test_no_option_uses_plain_float():
 REQUIRED = {("simulate", "trigger"): ["spot"], ("sync",): ["s3://bucket/x", "/tmp/x"]}
 
 
-@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN", "1e300", "-1e300"])
 def test_every_numeric_option_refuses_nan_and_inf_in_one_line(value):
     for prefix, option, _ in _numeric_options():
         argv = prefix + REQUIRED.get(tuple(prefix), []) + [f"{option}={value}"]
@@ -119,3 +119,22 @@ def test_sync_size_options_refuse_nan(option, capsys, tmp_path):
     assert cli.main(["sync", "s3://bucket/x", str(tmp_path), option, "nan"]) == cli.EXIT_USAGE
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nan" in err
+
+
+def test_finite_but_huge_deadline_is_one_line_not_an_overflow(capsys):
+    """1e300 is finite, and overflowed the first datetime built from it (a traceback, exit 1)."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["drain", "--dry-run", "--deadline-in", "1e300"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--deadline-in: must be at most 1e+09 in size" in err
+
+
+def test_a_relative_config_path_is_checked_where_it_is(tmp_path, monkeypatch):
+    """The component walk wants an absolute path: a relative --config is made absolute first."""
+    from agent.config import load
+
+    (tmp_path / "agent.toml").write_text("[imds]\npoll_interval = 0.5\n")
+    (tmp_path / "agent.toml").chmod(0o644)
+    monkeypatch.chdir(tmp_path)
+    assert load("agent.toml", strict_permissions=True).imds.poll_interval == 0.5

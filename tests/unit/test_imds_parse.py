@@ -111,3 +111,13 @@ def test_nul_in_scheduled_strings_is_escaped_and_reported():
 def test_scheduled_without_nul_reports_nothing_escaped():
     (ev,) = parse.parse_scheduled('[{"Code": "system-reboot", "EventId": "e1", "State": "active"}]')
     assert ev.escaped == ()
+
+
+@pytest.mark.parametrize("value", ["9999-12-31T23:00:00-0060", "9999-12-31T23:59:59-23:59", "1969-12-31T23:59:59Z",
+                                   "2017-09-18T08:22:00+24:00"])
+def test_times_an_event_cannot_render_are_bad_times(value):
+    """Year 10000 once offset, before 1970, or an offset past 23:59: Event.deadline_iso would raise
+    (in a hook's environment, in the status document), so the parser refuses them."""
+    with pytest.raises(BadAnswer) as exc:
+        parse.parse_iso_time(value)
+    assert exc.value.reason == "bad-time"
