@@ -65,10 +65,11 @@ class Jobs:
         self.procs.append(proc)
         return proc
 
-    def torchrun(self, args: List[str], env: Dict[str, str], log: str = "torchrun.log") -> subprocess.Popen:
+    def torchrun(self, args: List[str], env: Dict[str, str], log: str = "torchrun.log",
+                 script: str = os.path.join(JOBS, "ddp_job.py")) -> subprocess.Popen:
         return self.start([os.path.join(self.venv, "bin", "torchrun"), "--nnodes", "1", "--nproc-per-node", "2",
                            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "--max-restarts", "0",
-                           os.path.join(JOBS, "ddp_job.py"), *args], env, log)
+                           script, *args], env, log)
 
     def python(self, script: str, args: List[str], env: Dict[str, str], log: str) -> subprocess.Popen:
         return self.start([os.path.join(self.venv, "bin", "python"), os.path.join(JOBS, script), *args], env, log)
@@ -280,3 +281,32 @@ def test_hf_trainer_saves_through_the_callback_and_resumes(drain_env, jobs, tmp_
     saved, files = _framework_run(drain_env, jobs, tmp_path, "huggingface", "hf_job.py", "hf-ckpt")
     assert f"checkpoint-{saved['step']}/trainer_state.json" in files
     assert f"checkpoint-{saved['step']}/model.safetensors" in files
+
+
+def test_the_torchrun_example_saves_on_a_notice_and_resumes(jobs, tmp_path):
+    """examples/torchrun_train.py as shipped: the notice file alone makes both ranks commit a step."""
+    from agent.drain.workload import Workload
+    from agent.runner import Runner
+
+    ck, run = tmp_path / "ckpt", tmp_path / "run"
+    ck.mkdir()
+    run.mkdir()
+    c = parse(f'[agent]\nsocket = "{run}/agent.sock"\n[drain.workload]\nprofile = "torchrun"\ncommit_dir = "{ck}"\n')
+    wl = Workload(c.drain.workload, [], Runner(), socket_path=c.agent.socket)
+    assert wl.prepare() == []
+    env = env_file(str(run / "workload.env"))
+    example = os.path.join(REPO, "examples", "torchrun_train.py")
+    proc = jobs.torchrun(["--ckpt", str(ck), "--every", "1000000"], env, script=example)
+    time.sleep(2.0)
+    since = time.time()
+    wl.publish(spot(), time.time() + 120, terminal=True)
+    waited = wl.wait(["commit", "ack"], 180, since, None, mode="all")
+    assert waited.met, (waited, jobs.log("torchrun.log")[-3000:])
+    assert proc.wait(60) == 0, jobs.log("torchrun.log")
+    [step] = committed_steps = sorted(os.listdir(ck))
+    assert waited.checkpoint == str(ck / step) and os.path.exists(ck / step / ".metadata"), committed_steps
+    wl.withdraw()
+    n = int(step[5:])
+    proc2 = jobs.torchrun(["--ckpt", str(ck), "--steps", str(n + 2), "--every", "1"], env, "again.log", script=example)
+    assert proc2.wait(180) == 0, jobs.log("again.log")
+    assert sorted(os.listdir(ck)) == [step, f"step-{n + 1:08d}", f"step-{n + 2:08d}"]  # resumed after n
