@@ -182,7 +182,7 @@ def open_listed(root_fd: int, rel: str, expect: Identity) -> int:
     """Open the regular file ``rel`` for reading, without following any symlink, and check that it
     is still the inode the listing saw, unchanged (``expect``). Raises UnsafePath otherwise."""
     head, name = split(rel)
-    parent = open_dirs(root_fd, head)
+    parent = open_dirs(root_fd, head) if head else root_fd
     try:
         try:
             fd = os.open(name, O_READ, dir_fd=parent)
@@ -191,7 +191,8 @@ def open_listed(root_fd: int, rel: str, expect: Identity) -> int:
                 raise UnsafePath("it was replaced by a symlink after it was listed") from None
             raise
     finally:
-        os.close(parent)
+        if parent != root_fd:
+            os.close(parent)
     try:
         st = os.fstat(fd)
         if not statmod.S_ISREG(st.st_mode):
