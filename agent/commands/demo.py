@@ -29,6 +29,9 @@ def register(sub: Any) -> None:
     p.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs, state, volume images)")
     p.add_argument("--notice-window", type=finite_float, default=40.0, metavar="SECONDS",
                    help="simulated time between the spot notice and the termination (default 40; AWS gives 120)")
+    p.add_argument("--aws", choices=["strict", "instant"], default="strict",
+                   help="the local AWS: strict (default; states take time, eventual consistency, throttling, "
+                        "EC2's limits, lifecycle rules) or instant (plain moto: everything at once)")
     p.add_argument("--no-block-devices", action="store_true",
                    help="use directory-backed volumes even as root (no loop devices, no snapshots)")
     p.set_defaults(func=run)
@@ -100,7 +103,8 @@ def run(args: Any) -> int:
     progress("")
     try:
         result = run_story(StoryOptions(workdir=args.workdir, keep=args.keep, settings=settings,
-                                        block_devices=False if args.no_block_devices else None, progress=progress))
+                                        block_devices=False if args.no_block_devices else None, progress=progress,
+                                        aws_mode=args.aws))
     except KeyboardInterrupt:
         print("spot-agent demo: interrupted; stopped every process and released every mount and loop device",
               file=sys.stderr)

@@ -155,6 +155,7 @@ class DemoEnvironment:
     block_devices: Optional[bool] = None
     volume_mib: int = 256
     aws: Any = None  # an already running agent.sim.localaws.LocalAWS (the tests share one); None: start one
+    aws_mode: str = "strict"  # the LocalAWS started here: "strict" (agent.sim.strict, fast time scale) or "instant"
     keep: bool = False
     mode_reason: str = ""
     _own_workdir: bool = False
@@ -184,8 +185,10 @@ class DemoEnvironment:
             raise RuntimeError(f"loop-device volumes need root and util-linux/e2fsprogs: {why_not}")
         if self.aws is None:
             from agent.sim.localaws import LocalAWS
+            from agent.sim.strict import StrictSettings
 
-            self.aws = LocalAWS().start()
+            strict = self.aws_mode == "strict"
+            self.aws = LocalAWS(strict=strict, settings=StrictSettings.fast() if strict else None).start()
             self._own_aws = True
         if self.block_devices:
             from agent.sim.blockdevs import LocalBlockDevices
@@ -196,8 +199,26 @@ class DemoEnvironment:
         from agent.aws import make_clients
         from agent.config import AWSSection
 
-        self.clients = make_clients(AWSSection(endpoint_url=self.aws.url), REGION)
+        from agent.sim.localaws import ORACLE_KEY
+
+        # the environment's own view: the truth, past the strict model (the agents see the strict one)
+        self.clients = make_clients(AWSSection(endpoint_url=self.aws.url), REGION, credentials=(ORACLE_KEY, "demo"))
         return self
+
+    @property
+    def strict(self) -> bool:
+        return getattr(self.aws, "strict", None) is not None
+
+    def begin_termination(self, instance_id: str) -> List[str]:
+        """Auto Scaling starts terminating ``instance_id`` (it got the spot interruption, or scales in):
+        on the strict local AWS the instance now waits in Terminating:Wait for the lifecycle hook."""
+        begin = getattr(self.aws, "begin_termination", None)
+        return begin(instance_id) if begin is not None else []
+
+    def refused_calls(self, code: str) -> List[Dict[str, Any]]:
+        """The agents' calls the strict local AWS refused with ``code`` (none on the instant one)."""
+        model = getattr(self.aws, "strict", None)
+        return [c for c in model.calls_by() if c["code"] == code] if model is not None else []
 
     @property
     def dev_root(self) -> str:
@@ -215,7 +236,12 @@ class DemoEnvironment:
         """One line per component: what is real here and what is simulated."""
         lines = [
             "IMDS: the project's simulator on 127.0.0.1 (IMDSv2 tokens enforced), one per instance",
-            "S3, EC2, Auto Scaling: moto in-process on " + self.aws_url + " (plus CompleteLifecycleAction)",
+            ("S3, EC2, Auto Scaling: moto in-process on " + self.aws_url + ", STRICT (agent.sim.strict, on a "
+             "shorter time scale): volumes creating, attachments attaching, snapshots pending, new resources "
+             "NotFound and untagged for a moment, token buckets, one snapshot per volume per 15 s, lifecycle "
+             "actions only in Terminating:Wait") if self.strict else
+            ("S3, EC2, Auto Scaling: moto in-process on " + self.aws_url + ", INSTANT (every call succeeds at once; "
+             "plus CompleteLifecycleAction)"),
         ]
         if self.block_devices:
             lines.append(f"EBS volumes: real loop devices ({self.volume_mib} MiB sparse files) with a Nitro-like "

@@ -52,6 +52,8 @@ class SimInstance:
             os.makedirs(self.paths.volume_mount, exist_ok=True)
         self.imds = IMDSSimulator("127.0.0.1", 0, Identity(instance_id=instance_id, instance_type=INSTANCE_TYPE,
                                                           availability_zone=AZ, region=REGION)).start()
+        self._imds_control = self.imds.control
+        self.imds.control = self._control  # type: ignore[method-assign]
         self.config_text = render(self.paths, settings, self.imds.url, env.aws_url, block_devices=bool(env.block_devices),
                                   dev_root=env.dev_root, sys_root=env.sys_root, s3_checkpoints=s3_checkpoints,
                                   extra=extra_config)
@@ -62,6 +64,15 @@ class SimInstance:
         self.workload: Optional[subprocess.Popen] = None
         self._workload_log: Any = None
         self.powered_off = False
+
+    def _control(self, kind: str, args: Any = None) -> Any:
+        """IMDS and Auto Scaling together, as on AWS: a spot interruption or an ASG termination of an
+        instance in a group with a terminating hook puts it into Terminating:Wait (on the strict local
+        AWS, CompleteLifecycleAction is accepted only then)."""
+        args = {} if args is None else args
+        if kind == "spot" or (kind == "asg" and args.get("state") == "Terminated"):
+            self.env.begin_termination(self.instance_id)
+        return self._imds_control(kind, args)
 
     # ---- the agent ------------------------------------------------------------------------------
 

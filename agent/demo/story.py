@@ -47,6 +47,7 @@ class StoryOptions:
     settings: DemoSettings = field(default_factory=DemoSettings)
     block_devices: Optional[bool] = None
     aws: Any = None  # a running LocalAWS to share (the tests); None: the demo starts its own
+    aws_mode: str = "strict"  # the one it starts: "strict" (agent.sim.strict) or "instant" (plain moto)
     progress: Callable[[str], None] = lambda line: None
 
 
@@ -142,6 +143,7 @@ class Story:
         self.options = options
         self.settings = options.settings
         self.env = DemoEnvironment(workdir=options.workdir, block_devices=options.block_devices, aws=options.aws,
+                                   aws_mode=options.aws_mode,
                                    keep=options.keep)
         self.t0 = time.time()
         self.timeline = Timeline(self.t0)
@@ -345,6 +347,11 @@ class Story:
                        f"{two.name}'s volume from {vol_snap or 'nothing'}; the drain took {spot_snap}")
         else:
             self.check("exactly one snapshot per drain", None, "no block devices: no snapshots")
+        if env.strict:
+            refused = env.refused_calls("SnapshotCreationPerVolumeRateExceeded")
+            self.check("snapshot spacing planned (strict EC2)", not refused,
+                       "no CreateSnapshot refused for EC2's one-per-volume-per-15-s rate" if not refused
+                       else f"{len(refused)} CreateSnapshot call(s) refused with SnapshotCreationPerVolumeRateExceeded")
         completes = [c for c in lifecycle_calls("CompleteLifecycleAction") if c.get("instance_id") == one.instance_id]
         self.check("lifecycle action completed once", len(completes) == 1 and completes[0].get("result") == "CONTINUE",
                    f"{len(completes)} CompleteLifecycleAction call(s) for {one.instance_id}")

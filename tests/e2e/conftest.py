@@ -1,7 +1,7 @@
 """End-to-end fixtures: the demo's embedded cloud, shared moto server, one fresh state per test.
 
-Every scenario runs the real `spot-agent run` as a subprocess against an IMDS simulator and moto over
-HTTP, with EBS volumes as loop devices (CI is root). The environment's teardown stops every process,
+Every scenario runs the real `spot-agent run` as a subprocess against an IMDS simulator and the strict
+local AWS (agent.sim.strict in front of moto) over HTTP, with EBS volumes as loop devices (CI is root). The environment's teardown stops every process,
 thaws and unmounts everything and detaches every loop device, even when the test failed.
 """
 
@@ -11,12 +11,16 @@ import pytest
 
 
 @pytest.fixture
-def cloud(local_aws):
-    """A DemoEnvironment on the session's moto (reset first): dataset seeded, Auto Scaling group made."""
+def cloud(strict_local_aws):
+    """A DemoEnvironment on the session's strict local AWS (reset first, default fast settings): dataset
+    seeded, Auto Scaling group made. The agents see the strict model; the environment's own checks see
+    the truth (agent.sim.localaws.ORACLE_KEY)."""
     from agent.demo.environment import DemoEnvironment
+    from agent.sim.strict import StrictSettings
 
-    local_aws.reset()
-    env = DemoEnvironment(aws=local_aws, block_devices=True).start()
+    strict_local_aws.reset()
+    strict_local_aws.strict.settings = StrictSettings.fast()
+    env = DemoEnvironment(aws=strict_local_aws, block_devices=True).start()
     made = []
     env.instances = made  # type: ignore[attr-defined]
     try:

@@ -19,20 +19,23 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 @pytest.fixture(scope="module")
-def story(local_aws, tmp_path_factory):
+def story(strict_local_aws, tmp_path_factory):
     from agent.demo.story import StoryOptions, run_story
 
     import boto3
 
     from agent.demo.environment import BUCKET
-    from agent.sim.localaws import lifecycle_calls
+    from agent.sim.localaws import ORACLE_KEY, lifecycle_calls
+    from agent.sim.strict import StrictSettings
 
-    local_aws.reset()
+    strict_local_aws.reset()
+    strict_local_aws.strict.settings = StrictSettings.fast()
     workdir = str(tmp_path_factory.mktemp("demo-story"))
-    result = run_story(StoryOptions(workdir=workdir, keep=True, block_devices=True, aws=local_aws))
-    # what the cloud holds now, before a later test resets the shared moto
-    ec2 = boto3.client("ec2", endpoint_url=local_aws.url, region_name="us-east-1")
-    s3 = boto3.client("s3", endpoint_url=local_aws.url, region_name="us-east-1")
+    result = run_story(StoryOptions(workdir=workdir, keep=True, block_devices=True, aws=strict_local_aws))
+    # what the cloud holds now (the truth, past the strict model), before a later test resets the shared moto
+    keys = {"aws_access_key_id": ORACLE_KEY, "aws_secret_access_key": "x"}
+    ec2 = boto3.client("ec2", endpoint_url=strict_local_aws.url, region_name="us-east-1", **keys)
+    s3 = boto3.client("s3", endpoint_url=strict_local_aws.url, region_name="us-east-1", **keys)
     result["cloud"] = {
         "snapshots": ec2.describe_snapshots(OwnerIds=["self"])["Snapshots"],
         "s3_keys": [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
@@ -187,18 +190,18 @@ def test_ctrl_c_mid_story_stops_everything_and_releases_mounts_and_loops():
         assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, child
 
 
-def test_a_failed_story_reports_why_and_still_releases_everything(local_aws):
+def test_a_failed_story_reports_why_and_still_releases_everything(strict_local_aws):
     """Instance 1 cannot become READY (a hostile key in the dataset) after its volume was mounted."""
     import boto3
 
     from agent.demo.environment import BUCKET, DATASET_PREFIX
     from agent.demo.story import StoryOptions, run_story
 
-    local_aws.reset()
-    s3 = boto3.client("s3", endpoint_url=local_aws.url, region_name="us-east-1")
+    strict_local_aws.reset()
+    s3 = boto3.client("s3", endpoint_url=strict_local_aws.url, region_name="us-east-1")
     s3.create_bucket(Bucket=BUCKET)
     s3.put_object(Bucket=BUCKET, Key=DATASET_PREFIX + "../../etc/cron.d/evil", Body=b"* * * * * root true\n")
-    result = run_story(StoryOptions(block_devices=True, aws=local_aws))
+    result = run_story(StoryOptions(block_devices=True, aws=strict_local_aws))
     assert result["ok"] is False
     assert "exited with 1 before READY" in result["error"], result["error"]
     assert "../../etc/cron.d/evil" in result["error"]
@@ -221,3 +224,29 @@ def test_s3_checkpoint_committed_by_the_drain_and_restored_on_the_replacement(st
     final = f"ckpt-{story['drain']['final_step']:08d}.bin"
     assert any(cid in k for k in keys), keys
     assert any(k.endswith(final) for k in keys), f"the final checkpoint {final} is not in S3: {keys}"
+
+
+def test_the_drain_planned_ec2s_snapshot_spacing_on_the_strict_local_aws(story):
+    """The rebalance snapshot was seconds before the notice: the drain waited out EC2's 15 s instead of
+    meeting SnapshotCreationPerVolumeRateExceeded (which botocore does not retry)."""
+    [snap] = [s for s in story["drain"]["steps"] if s["name"] == "snapshot"]
+    assert snap["state"] == "ok" and "waited" in snap["reason"] and "per 15 s" in snap["reason"], snap
+    [check] = [c for c in story["checks"] if c["name"].startswith("snapshot spacing planned")]
+    assert check["ok"] is True, check
+    assert any("STRICT" in line for line in story["simulated"])
+
+
+def test_aws_instant_is_plain_moto():
+    from agent.demo.environment import DemoEnvironment
+
+    env = DemoEnvironment(block_devices=False, aws_mode="instant").start()
+    try:
+        assert env.aws.mode == "instant" and not env.strict
+        assert any("INSTANT" in line for line in env.simulated())
+        vid = env.clients.ec2.create_volume(AvailabilityZone="us-east-1a", Size=1)["VolumeId"]
+        assert env.clients.ec2.describe_volumes(VolumeIds=[vid])["Volumes"][0]["State"] == "available"
+    finally:
+        env.close()
+    res = subprocess.run([sys.executable, "-m", "agent", "demo", "--aws", "eventual"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "--aws" in res.stderr
