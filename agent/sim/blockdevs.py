@@ -439,11 +439,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--sys-root", required=True)
     parser.add_argument("--size-cap-mib", type=int, default=512)
     parser.add_argument("--record", default=None, help="append lifecycle calls as JSON lines to this file")
-    args = parser.parse_args(argv)
-    from agent.sim.localaws import LocalAWS
+    from agent.sim.localaws import LocalAWS, add_mode_args, settings_from_args
 
+    add_mode_args(parser)
+    args = parser.parse_args(argv)
+    settings = settings_from_args(args)
     sim = LocalBlockDevices(args.root, args.dev_root, args.sys_root, size_cap=args.size_cap_mib * MiB).install()
-    server = LocalAWS(args.port, args.record).start()
+    server = LocalAWS(args.port, args.record, strict=settings is not None, settings=settings).start()
     print(server.url, flush=True)
     import signal
 

@@ -378,7 +378,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--record", default=None, help="append lifecycle calls as JSON lines to this file")
     add_mode_args(parser)
     args = parser.parse_args(argv)
-    settings = settings_from_args(args)
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     server = LocalAWS(args.port, args.record, strict=settings is not None, settings=settings).start()
     print(server.url, flush=True)
     try:

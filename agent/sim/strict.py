@@ -19,6 +19,7 @@ Users rehearse against it, so every knob is in :class:`StrictSettings` with a re
 
 from __future__ import annotations
 
+import math
 import threading
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field, fields
@@ -670,12 +671,19 @@ def settings_from(pairs: Iterable[str], base: Optional[StrictSettings] = None) -
                 continue
             raise ValueError(f"unknown strict setting {name!r} (one of {', '.join(StrictSettings.names())})")
         current = getattr(s, name)
-        if isinstance(current, bool):
-            setattr(s, name, value.strip().lower() in ("1", "true", "yes", "on"))
-        elif isinstance(current, tuple):
-            setattr(s, name, parse_bucket(value))
-        elif isinstance(current, int):
-            setattr(s, name, int(value))
-        else:
-            setattr(s, name, float(value))
+        try:
+            if isinstance(current, bool):
+                setattr(s, name, value.strip().lower() in ("1", "true", "yes", "on"))
+            elif isinstance(current, tuple):
+                setattr(s, name, parse_bucket(value))
+            elif isinstance(current, int):
+                setattr(s, name, int(value))
+            else:
+                setattr(s, name, float(value))
+        except ValueError:
+            raise ValueError(f"strict setting {name}: {value!r} is not a valid value") from None
+        got = getattr(s, name)
+        numbers = got if isinstance(got, tuple) else (got,)
+        if not all(isinstance(x, bool) or (math.isfinite(x) and x >= 0) for x in numbers):
+            raise ValueError(f"strict setting {name}: {value!r} must be finite and not negative")
     return s

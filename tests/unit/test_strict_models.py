@@ -337,3 +337,8 @@ def test_settings_from_the_command_line():
     assert s.buckets["CreateSnapshot"] == (4.0, 0.5) and s.lifecycle_wait is False
     with pytest.raises(ValueError, match="unknown strict setting 'nope'"):
         settings_from(["nope=1"])
+    with pytest.raises(ValueError, match="attach_seconds: 'soon' is not a valid value"):
+        settings_from(["attach_seconds=soon"])
+    for bad in ("attach_seconds=nan", "attach_seconds=-1", "ec2_describe_bucket=10/inf"):
+        with pytest.raises(ValueError, match="must be finite and not negative"):
+            settings_from([bad])
