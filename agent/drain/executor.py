@@ -295,6 +295,7 @@ class Drainer:
             beats = lc.Heartbeats(self.clients.drain_autoscaling or self.clients.autoscaling, self._target,
                                   self.identity.instance_id, self.config.drain.lifecycle.heartbeat_interval,
                                   clock=self.clock).start()
+        self._beats = beats
         if slot == "run" and not resumed and (self.config.drain.workload, list(self.config.hooks)) != self._workload_config:
             self.workload = self._new_workload()
         try:
@@ -657,6 +658,8 @@ class Drainer:
             if self._target_known:
                 return "skipped", "not in an Auto Scaling group with a terminating hook"
             return "failed", "Auto Scaling discovery failed"
+        if getattr(self, "_beats", None) is not None:
+            self._beats.pause()
         attempted_before = bool(rec.get("lifecycle_attempted")) and interrupted
         rec["lifecycle_attempted"] = True
         self._save(slot, rec)

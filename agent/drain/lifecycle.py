@@ -94,6 +94,11 @@ class Heartbeats:
         self._stop.set()
         self._thread.join(timeout=2.0)
 
+    def pause(self) -> None:
+        """No heartbeat starts from now on (CompleteLifecycleAction is about to go; a heartbeat after it
+        only meets "No active Lifecycle Action"). Does not wait for one in flight."""
+        self._stop.set()
+
     def _beat(self) -> None:
         from agent.aws import error_code, retry_after
         from agent.backoff import Backoff
