@@ -617,12 +617,15 @@ class Drainer:
             if name in rec["checkpoint_ids"]:
                 continue
             lock = self._store_locks[i]
+            final = slot == "run"
+            if final:  # the final upload never waits behind a periodic or early one: it stops it
+                getattr(store, "preempt", lambda: False)()
             # the final upload waits (within its budget) for an early one of the same store to end
-            if not lock.acquire(timeout=max(0.0, deadline - self.clock.time()) if slot == "run" else 0):
+            if not lock.acquire(timeout=max(0.0, deadline - self.clock.time()) if final else 0):
                 errors.append(f"{name}: another upload of this checkpoint was still running")
                 continue
             try:
-                result = store.upload(deadline=deadline, reason=f"drain:{event.kind}", settled=settled)
+                result = store.upload(deadline=deadline, reason=f"drain:{event.kind}", settled=settled, preempt=final)
             finally:
                 lock.release()
             if getattr(result, "committed", False):

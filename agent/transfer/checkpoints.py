@@ -36,6 +36,7 @@ from agent.transfer import checksums, safefs
 from agent.transfer.bandwidth import Limiter
 from agent.transfer.checkpoint_manifest import FORMAT, ID_RE, MAX_MANIFEST_BYTES, ManifestError, describe
 from agent.transfer.checkpoint_manifest import parse as parse_manifest
+from agent.transfer.checkpoint_manifest import validate as validate_manifest
 from agent.transfer.download import Downloader, FileOutcome
 from agent.transfer.fastget import FastGetter
 from agent.transfer.keys import TEMP_PREFIX, key_to_relpath, split_s3_url
@@ -59,7 +60,9 @@ class CommitResult:
     manifest_key: str = ""
     uploaded: int = 0  # files uploaded by this call
     reused: int = 0  # files carried over from the previous checkpoint
-    incomplete: List[str] = field(default_factory=list)  # files left out: still being written
+    incomplete: List[str] = field(default_factory=list)  # files left out: still being written, or changed
+    changed: List[str] = field(default_factory=list)  # of those, the ones that changed while being read
+    preempted: bool = False  # stopped because the drain's final upload took over (not a failure)
     refused: List[str] = field(default_factory=list)  # files left out for safety (hard links to others' files)
 
 
@@ -144,6 +147,22 @@ def entry_owner(e: dict) -> Tuple[Optional[Tuple[int, int]], Optional[int]]:
     return ((uid, gid) if isinstance(uid, int) and isinstance(gid, int) else None), e.get("mode")
 
 
+def marker_groups(paths: List[str], marker: str) -> Dict[str, Optional[str]]:
+    """Each path -> the directory whose marker covers it ("" for the checkpoint dir), or None. Pure.
+
+    The nearest directory at or above the file's own that holds ``marker`` (the same rule as
+    ``complete_files``), judged from the paths alone.
+    """
+    holders = {p.rpartition("/")[0] for p in paths if p.rpartition("/")[2] == marker}
+    out: Dict[str, Optional[str]] = {}
+    for p in paths:
+        d: Optional[str] = p.rpartition("/")[0]
+        while d is not None and d not in holders:
+            d = None if d == "" else d.rpartition("/")[0]
+        out[p] = d
+    return out
+
+
 def scan(root: str, root_fd: Optional[int] = None, refused: Optional[List[str]] = None) -> List[LocalFile]:
     """Every regular file below the checkpoint dir, walked relative to directory fds (``safefs``):
     symlinks (to files or directories), sockets and fifos are not checkpoint data and are never
@@ -184,7 +203,10 @@ class CheckpointStore:
         os.makedirs(os.path.join(state_dir, "checkpoints"), exist_ok=True)
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", self.name)
         self.state = StateStore(os.path.join(state_dir, "checkpoints", f"{safe}.json"))
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one upload at a time
+        self._mu = threading.Lock()  # guards the two fields below
+        self._running: Optional[threading.Event] = None  # the stop event of a preemptible upload holding _lock
+        self._preempting = 0  # preempting uploads waiting for _lock: a new periodic one does not start
         # Manifest ids retention must keep beyond the newest `keep` (set by agent/transfer/gang.py).
         self.protected: Callable[[], Set[str]] = set
         self._logged_rejects: Dict[str, str] = {}
@@ -251,22 +273,75 @@ class CheckpointStore:
         return self.newest_verified()[0]
 
     # -- upload + commit --------------------------------------------------------------------------
-    def upload(self, deadline: Optional[float] = None, reason: str = "", settled: bool = False) -> CommitResult:
-        """Upload what is complete and commit it. ``settled``: the workload has confirmed its checkpoint
-        is written (the drain's wait step ended on its signal), so every file counts as complete at
-        once; otherwise the settle time or marker decides, as for the periodic uploads."""
-        with self._lock:
-            t0 = time.monotonic()
-            res = self._upload(deadline, reason, settled)
-            res.seconds = time.monotonic() - t0
+    def preempt(self) -> bool:
+        """Stop the upload running now (a periodic or early one) so that the drain can take over.
+
+        It stops between parts: queued parts are not started, parts in flight (at most
+        ``transfer.concurrency``) finish in the background after the store is released, and nothing
+        is committed. True when there was one to stop.
+        """
+        with self._mu:
+            running = self._running
+            if running is not None:
+                running.set()
+            return running is not None
+
+    def upload(self, deadline: Optional[float] = None, reason: str = "", settled: bool = False,
+               preempt: bool = False) -> CommitResult:
+        """Upload what is complete and commit it.
+
+        ``settled``: the workload has confirmed its checkpoint is written (the drain's wait step ended
+        on its signal), so the settle time no longer applies; the ``marker`` rule still does, so a
+        ``step-N/`` without its marker is never committed. ``preempt`` (the drain's final upload):
+        stop a running upload of this store and take over, never waiting past ``deadline``. Without
+        it, an upload with a deadline waits for a running one at most until that deadline.
+        """
+        t0 = time.monotonic()
+        if preempt:
+            with self._mu:
+                self._preempting += 1
+            self.preempt()
+        try:
+            wait = -1.0 if deadline is None else max(0.0, deadline - time.time() - MANIFEST_RESERVE)
+            got = self._lock.acquire(timeout=wait)
+        finally:
+            if preempt:
+                with self._mu:
+                    self._preempting -= 1
+        if not got:
+            res = CommitResult(False, error="another upload of this checkpoint was still running at the deadline")
+        else:
+            stop = threading.Event()
+            cleanup: List[Callable[[], None]] = []
+            try:
+                with self._mu:
+                    if self._preempting and not preempt:
+                        stop.set()  # the drain is waiting for the store: do not start
+                    self._running = None if preempt else stop
+                res = self._upload(deadline, reason, settled, stop, cleanup)
+            finally:
+                with self._mu:
+                    self._running = None
+                self._lock.release()
+            for fn in cleanup:  # after the release: the drain does not wait for a stopped upload's parts
+                try:
+                    fn()
+                except Exception:  # noqa: BLE001 - best effort; prune aborts leftovers later
+                    log.debug("cleanup after a stopped upload failed", exc_info=True)
+        res.seconds = time.monotonic() - t0
+        if res.preempted:
+            log.info("checkpoint %s: upload (%s) stopped, nothing committed: the drain's upload took over", self.name, reason or "-")
         metrics.CHECKPOINT_UPLOAD_BYTES.labels(checkpoint=self.name).inc(res.bytes)
         if res.committed:
             metrics.CHECKPOINT_LAST_COMMIT.labels(checkpoint=self.name).set(time.time())
-        else:
+        elif not res.preempted:
             metrics.CHECKPOINT_FAILURES.labels(checkpoint=self.name).inc()
         return res
 
-    def _upload(self, deadline: Optional[float], reason: str, settled: bool = False) -> CommitResult:
+    def _upload(self, deadline: Optional[float], reason: str, settled: bool, stop: threading.Event,
+                cleanup: List[Callable[[], None]]) -> CommitResult:
+        if stop.is_set():
+            return CommitResult(False, error="stopped before it started: the drain's upload took over", preempted=True)
         try:
             checksums.new(self.transfer.checksum)
         except ValueError as exc:
@@ -278,21 +353,22 @@ class CheckpointStore:
         except (OSError, safefs.UnsafePath) as exc:
             return CommitResult(False, error=str(exc) if isinstance(exc, safefs.UnsafePath) else f"checkpoint dir {self.ck.dir}: {exc.strerror}")
         try:
-            return self._upload_from(root_fd, deadline, reason, settled)
+            return self._upload_from(root_fd, deadline, reason, settled, stop, cleanup)
         finally:
             os.close(root_fd)
 
-    def _upload_from(self, root_fd: int, deadline: Optional[float], reason: str, settled: bool) -> CommitResult:
+    def _upload_from(self, root_fd: int, deadline: Optional[float], reason: str, settled: bool, stop: threading.Event,
+                     cleanup: List[Callable[[], None]]) -> CommitResult:
         now = time.time()
         refused: List[str] = []
         try:
             listed = scan(self.ck.dir, root_fd, refused)
         except (OSError, safefs.UnsafePath) as exc:
             return CommitResult(False, error=f"cannot list checkpoint dir {self.ck.dir}: {exc}")
-        if settled:
+        if settled and not self.ck.marker:
             files, incomplete = complete_files(self.ck.dir, listed, 0.0, "", now + 1.0)
         else:
-            files, incomplete = complete_files(self.ck.dir, listed, self.ck.settle, self.ck.marker, now)
+            files, incomplete = complete_files(self.ck.dir, listed, 0.0 if settled else self.ck.settle, self.ck.marker, now)
         if not files:
             return CommitResult(False, error="nothing complete to upload" + (f" ({len(incomplete)} files still being written)" if incomplete else ""),
                                 incomplete=incomplete, refused=refused)
@@ -306,8 +382,8 @@ class CheckpointStore:
         todo: List[LocalFile] = []
         for f in files:
             old = prev.get(f.path)
-            if old and (old.get("size"), old.get("mtime_ns"), old.get("ctime_ns"), old.get("ino")) == (f.size, f.mtime_ns, f.ctime_ns, f.ino) \
-                    and old.get("checksum", {}).get("algorithm") == self.transfer.checksum:
+            if old and (old["size"], old["mtime_ns"], old["ctime_ns"], old["ino"]) == (f.size, f.mtime_ns, f.ctime_ns, f.ino) \
+                    and old["checksum"]["algorithm"] == self.transfer.checksum:
                 entries[f.path] = dict(old, **owner_fields(f))  # an older manifest may lack them
             else:
                 todo.append(f)
@@ -318,7 +394,6 @@ class CheckpointStore:
             res.error = f"deadline: {need} bytes to upload need ~{need / rate:.1f}s at {rate / 1e6:.1f} MB/s, {deadline - time.time():.1f}s left"
             return res
 
-        stop = threading.Event()
         done = [0]
         lock = threading.Lock()
 
@@ -330,7 +405,9 @@ class CheckpointStore:
                       Limiter(self.transfer.max_bandwidth, stop=stop), stop=stop, on_bytes=on_bytes, root_fd=root_fd)
         pool = BoundedExecutor(self.transfer.concurrency, self.transfer.concurrency * 2, "checkpoint")
         errors: List[str] = []
+        changed: List[str] = []
         t_start = time.monotonic()
+        stopped = "stopped: the drain's upload took over; nothing committed"
 
         def handle(out: Any) -> None:
             if isinstance(out, BaseException):
@@ -342,51 +419,69 @@ class CheckpointStore:
                                        "checksum": {"algorithm": self.transfer.checksum, "part_size": out.part_size, "parts": out.parts},
                                        "mtime_ns": f.mtime_ns, "ctime_ns": f.ctime_ns, "ino": f.ino, **owner_fields(f)}
                     res.uploaded += 1
-                else:
+                elif out.changed and not stop.is_set():
+                    changed.append(out.file.path)  # busy (a log being appended): left out, the rest commits
+                elif not stop.is_set():
                     errors.append(out.error)
 
         def too_late(remaining: int) -> bool:
+            if stop.is_set():
+                if not errors:
+                    errors.append(stopped)
+                return True
             if deadline is None:
                 return False
             elapsed = time.monotonic() - t_start
-            r = done[0] / elapsed if elapsed > 0.5 and done[0] > 0 else rate
+            # A rate measured on a few bytes (a small file that happened to finish first) says
+            # nothing: measure only once a part's worth has arrived.
+            measured = elapsed > 0.5 and done[0] >= min(need, self.transfer.part_size)
+            r = done[0] / elapsed if measured else rate
             left = deadline - time.time() - MANIFEST_RESERVE
-            return left <= 0 or (r > 0 and remaining / r > left)
-
-        try:
-            for f in todo:
-                if errors:
-                    break
-                if too_late(need - done[0]):
-                    errors.append(f"deadline: stopped with {need - done[0]} bytes not uploaded; nothing committed")
-                    break
-                job = up.plan(f, self.data_key(cid, f.path))
-                for i in range(len(job.ranges)):
-                    while not pool.submit(up.run_part, job, i, timeout=0.1):
-                        for out in pool.drain():
-                            handle(out)
-                        if too_late(need - done[0]) and not errors:
-                            errors.append(f"deadline: stopped with {need - done[0]} bytes not uploaded; nothing committed")
-                            stop.set()
-                for out in pool.drain():
-                    handle(out)
-            while not pool.idle():
-                for out in pool.drain(timeout=0.1):
-                    handle(out)
-                if too_late(need - done[0]) and not errors:
-                    errors.append(f"deadline: stopped with {need - done[0]} bytes not uploaded; nothing committed")
-                    stop.set()
-        except Exception as exc:  # noqa: BLE001
-            errors.append(f"{type(exc).__name__}: {exc}")
-        finally:
-            if errors:
+            if left <= 0 or (r > 0 and remaining / r > left):
+                if not errors:
+                    errors.append(f"deadline: stopped with {remaining} bytes not uploaded; nothing committed")
                 stop.set()
+                return True
+            return False
+
+        def finish() -> None:
             pool.shutdown()
             up.close()
             for out in pool.drain():
                 handle(out)
             if errors:
                 up.abort_all()
+
+        try:
+            for f in todo:
+                if errors or too_late(need - done[0]):
+                    break
+                job = up.plan(f, self.data_key(cid, f.path))
+                for i in range(len(job.ranges)):
+                    # stop between parts: once stopped, never wait for a slot the parts in flight hold
+                    while not stop.is_set() and not pool.submit(up.run_part, job, i, timeout=0.1):
+                        for out in pool.drain():
+                            handle(out)
+                        too_late(need - done[0])
+                    if stop.is_set():
+                        too_late(need - done[0])
+                        break
+                for out in pool.drain():
+                    handle(out)
+            while not pool.idle() and not (errors and stop.is_set()):
+                for out in pool.drain(timeout=0.1):
+                    handle(out)
+                too_late(need - done[0])
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            if errors:
+                stop.set()
+            if errors == [stopped]:
+                res.preempted = True
+                cleanup.append(finish)  # parts in flight end after the store is released
+            else:
+                finish()
         res.bytes = done[0]
         if errors:
             res.error = errors[0] if len(errors) == 1 else f"{errors[0]} (and {len(errors) - 1} more)"
@@ -394,16 +489,31 @@ class CheckpointStore:
         elapsed = time.monotonic() - t_start
         if done[0] >= 8 * 1024 * 1024 and elapsed > 0:
             self.state.update("upload", rate=done[0] / elapsed)
+        left_out = self._leave_out(changed, entries)
+        res.changed = sorted(changed)
+        res.incomplete = sorted(set(incomplete) | left_out)
+        if not entries:
+            res.error = f"nothing committed: {len(changed)} file(s) changed while they were uploaded"
+            return res
+        if left_out:
+            log.warning("checkpoint %s: %d file(s) changed while they were uploaded and are left out of %s: %s",
+                        self.name, len(left_out), cid, ", ".join(sorted(left_out)[:5]))
         # Everything is in S3: commit by writing the manifest, last.
         doc = {"format": FORMAT, "id": cid, "created": now, "reason": reason, "host": socket.gethostname(),
                "source_dir": self.ck.dir, "files": [entries[p] for p in sorted(entries)],
-               "total_bytes": sum(e["size"] for e in entries.values())}
-        body = json.dumps(doc, indent=1, sort_keys=True).encode()
+               "total_bytes": sum(e["size"] for e in entries.values()), "incomplete": res.incomplete}
         try:
-            up._call(self.s3.put_object, Bucket=self.bucket, Key=self.manifest_key(cid), Body=body,
-                     ContentType="application/json", ChecksumSHA256=checksums.of_bytes("sha256", body))
-        except Exception as exc:  # noqa: BLE001
-            res.error = f"manifest write failed, not committed: {exc}"
+            validate_manifest(doc, cid)  # never commit what a restore would refuse
+        except ManifestError as exc:
+            res.error = f"not committed: the manifest would not verify: {exc}"
+            return res
+        body = json.dumps(doc, indent=1, sort_keys=True).encode()
+        if stop.is_set():
+            res.error, res.preempted = stopped, True
+            return res
+        err = self._commit(up, cid, body)
+        if err:
+            res.error = err
             return res
         res.committed = True
         res.files = len(doc["files"])
@@ -414,6 +524,52 @@ class CheckpointStore:
         except Exception:  # noqa: BLE001 - retention is best effort; the commit stands
             pass
         return res
+
+    def _leave_out(self, changed: List[str], entries: Dict[str, dict]) -> set:
+        """Drop what must not be committed because ``changed`` files are missing from it.
+
+        Without a marker each file stands alone. With one, a checkpoint directory is all or nothing:
+        a ``step-N/`` whose marker was uploaded but one of whose files changed would restore as a
+        complete-looking, torn checkpoint, so every file that marker covers is left out with it.
+        """
+        out = set(changed)
+        if self.ck.marker and changed:
+            groups = marker_groups(list(entries) + changed, self.ck.marker)
+            torn = {groups[p] for p in changed if groups.get(p) is not None}
+            for p in list(entries):
+                if groups.get(p) in torn:
+                    out.add(p)
+                    del entries[p]
+        return out
+
+    def _commit(self, up: Uploader, cid: str, body: bytes) -> str:
+        """Write the manifest only if no object has its key (If-None-Match: *); "" when committed.
+
+        Two writers can then never commit the same id, and an instance that lost its turn (a zombie
+        after a takeover) cannot overwrite a commit. A retry of our own PUT that had in fact landed
+        also answers 412: that one is recognised by its body and counts as committed.
+        """
+        key = self.manifest_key(cid)
+        try:
+            up._call(self.s3.put_object, Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*",
+                     ContentType="application/json", ChecksumSHA256=checksums.of_bytes("sha256", body))
+            return ""
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code not in ("PreconditionFailed", "ConditionalRequestConflict") and status not in (409, 412):
+                return f"manifest write failed, not committed: {exc}"
+        except Exception as exc:  # noqa: BLE001
+            return f"manifest write failed, not committed: {exc}"
+        try:
+            theirs = self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read(len(body) + 1)
+        except Exception:  # noqa: BLE001
+            theirs = b""
+        if theirs == body:
+            return ""
+        log.error("checkpoint %s: %s already exists (written by another writer); this upload is not committed", self.name, key)
+        return (f"not committed: {key} already exists (PreconditionFailed: another writer committed this id); "
+                "the existing manifest was left as it is")
 
     # -- restore ----------------------------------------------------------------------------------
     def restore(self) -> RestoreResult:

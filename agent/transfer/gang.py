@@ -143,8 +143,12 @@ class GangStore:
         return f"{self.prefix}gang/steps/{_step_key(step)}.json"
 
     # -- upload -------------------------------------------------------------------------------------
-    def upload(self, deadline: Optional[float] = None, reason: str = "", settled: bool = False) -> CommitResult:
-        res = self.inner.upload(deadline=deadline, reason=reason, settled=settled)
+    def preempt(self) -> bool:
+        return self.inner.preempt()
+
+    def upload(self, deadline: Optional[float] = None, reason: str = "", settled: bool = False,
+               preempt: bool = False) -> CommitResult:
+        res = self.inner.upload(deadline=deadline, reason=reason, settled=settled, preempt=preempt)
         if res.committed:
             try:
                 done = self.after_commit(res.checkpoint_id)

@@ -26,6 +26,10 @@ class UploadError(Exception):
     pass
 
 
+class FileChanged(UploadError):
+    """The file changed, shrank or went away while it was read: not an S3 failure, the file was busy."""
+
+
 @dataclass
 class LocalFile:
     path: str  # relative POSIX path inside the checkpoint directory
@@ -52,6 +56,7 @@ class UploadOutcome:
     part_size: int = 0
     parts: List[str] = field(default_factory=list)
     error: str = ""
+    changed: bool = False  # refused because the file changed while it was read (see FileChanged)
 
 
 class _FileUpload:
@@ -69,6 +74,7 @@ class _FileUpload:
         self.lock = threading.Lock()
         self.error = ""
         self.fd = -1  # the one fd every part reads from
+        self.changed = False
 
 
 class Uploader:
@@ -99,6 +105,8 @@ class Uploader:
         try:
             job.fd = safefs.open_listed(self.root_fd, f.path, f.identity)
         except (OSError, safefs.UnsafePath) as exc:
+            # gone, or not the file the scan listed (replaced, renamed over): busy, not a failure
+            job.changed = isinstance(exc, (FileNotFoundError, safefs.UnsafePath))
             job.error = f"not uploaded: {getattr(exc, 'strerror', None) or exc}"
             return job  # every part reports the error; nothing was created in S3
         with self._lock:
@@ -115,6 +123,7 @@ class Uploader:
             if not job.error:
                 self._part(job, index)
         except Exception as exc:  # noqa: BLE001 - reported per file
+            job.changed = job.changed or (not job.error and isinstance(exc, (FileChanged, FileNotFoundError)))
             job.error = job.error or str(exc)
         with job.lock:
             job.remaining -= 1
@@ -131,11 +140,12 @@ class Uploader:
                     with self._lock:
                         self.open_uploads.pop(job.key, None)
             except Exception as exc:  # noqa: BLE001
+                job.changed = isinstance(exc, (FileChanged, FileNotFoundError))
                 job.error = str(exc)
         self._close(job)
         if job.error:
             self.abort(job.key)
-            return UploadOutcome(job.f, job.key, False, error=f"{job.f.path}: {job.error}")
+            return UploadOutcome(job.f, job.key, False, error=f"{job.f.path}: {job.error}", changed=job.changed)
         return UploadOutcome(job.f, job.key, True, job.part_size, list(job.sums))
 
     def abort(self, key: str) -> None:
@@ -170,7 +180,7 @@ class Uploader:
     @staticmethod
     def _check_unchanged(job: _FileUpload) -> None:
         if not safefs.unchanged(job.fd, job.f.identity):
-            raise UploadError("the file changed while it was being uploaded")
+            raise FileChanged("the file changed while it was being uploaded")
 
     def _part(self, job: _FileUpload, index: int) -> None:
         if self.stop.is_set():
@@ -178,8 +188,10 @@ class Uploader:
         offset, length = job.ranges[index]
         data = os.pread(job.fd, length, offset) if length else b""
         if len(data) != length:
-            raise UploadError("the file shrank while it was being uploaded")
+            raise FileChanged("the file shrank while it was being uploaded")
         self.limiter.consume(len(data))
+        if self.stop.is_set():  # the wait for bandwidth ended because the upload was stopped
+            raise UploadError("stopped")
         digest = checksums.of_bytes(self.algorithm, data)
         arg = {f"Checksum{self.s3_alg}": digest}
         if job.multipart:

@@ -30,7 +30,7 @@ fi
 [ -n "$py39" ] || { echo "build.sh: needs a Python 3.9 with pip to pick AL2023-compatible dependencies (set PYTHON39)" >&2; exit 1; }
 "$py39" -m pip install --quiet --disable-pip-version-check --target "$src/vendor" \
     --only-binary=:all: --platform any --implementation py \
-    ${PIP_OPTS:-} "boto3>=1.28" "requests>=2.28" "prometheus-client>=0.17" "tomli>=1.1" >"$out/pip.log" 2>&1 || {
+    ${PIP_OPTS:-} "boto3>=1.35.2" "requests>=2.28" "prometheus-client>=0.17" "tomli>=1.1" >"$out/pip.log" 2>&1 || {
     tail -20 "$out/pip.log" >&2; echo "build.sh: fetching the Python 3.9 dependencies failed" >&2; exit 1; }
 rm -rf "$src/vendor/bin"
 find "$src/vendor" -name __pycache__ -prune -exec rm -rf {} +

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.transfer.checkpoint_manifest import (FORMAT, MAX_PARTS, ManifestError, id_time, parse, validate)
-from agent.transfer.checkpoints import new_checkpoint_id
+from agent.transfer.checkpoints import marker_groups, new_checkpoint_id
 
 NOW = 1796156118.405336
 CID = new_checkpoint_id(NOW)
@@ -197,3 +197,8 @@ def test_bodies_that_are_not_json_are_refused(body, expect):
     with pytest.raises(ManifestError) as info:
         parse(body, CID, now=NOW)
     assert expect in str(info.value)
+def test_marker_groups_follow_the_nearest_marker():
+    paths = ["step-1/COMPLETE", "step-1/w.pt", "step-1/sub/x", "step-2/w.pt", "latest"]
+    assert marker_groups(paths, "COMPLETE") == {"step-1/COMPLETE": "step-1", "step-1/w.pt": "step-1",
+                                                "step-1/sub/x": "step-1", "step-2/w.pt": None, "latest": None}
+    assert marker_groups(["COMPLETE", "a/b"], "COMPLETE") == {"COMPLETE": "", "a/b": ""}

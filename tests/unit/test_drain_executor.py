@@ -103,8 +103,8 @@ class FakeStore:
         self.ok = ok
         self.calls: List[Dict[str, Any]] = []
 
-    def upload(self, deadline=None, reason="", settled=False):
-        self.calls.append({"deadline": deadline, "reason": reason, "settled": settled})
+    def upload(self, deadline=None, reason="", settled=False, preempt=False):
+        self.calls.append({"deadline": deadline, "reason": reason, "settled": settled, "preempt": preempt})
         if self.ok:
             return Commit(True, f"ck-{len(self.calls)}", 3, 1000)
         return Commit(False, error="S3 said no")
