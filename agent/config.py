@@ -305,7 +305,7 @@ class DrainSection:
     on_sigterm: str = field(default="auto", metadata={"choices": ["auto", "drain", "exit"], "doc": "what SIGTERM/SIGINT does: auto drains only when systemd reports the system stopping"})
     rebalance: str = field(default="checkpoint", metadata={"choices": ["checkpoint", "drain", "none"], "doc": "what a rebalance recommendation does"})
     crash_consistent: bool = field(default=False, metadata={"doc": "snapshot all volumes at once with CreateSnapshots"})
-    keep_snapshots: int = field(default=5, metadata={"min": 1, "doc": "snapshots kept per volume name"})
+    keep_snapshots: int = field(default=5, metadata={"min": 1, "doc": "snapshots kept per volume name and run ([agent] run)"})
     notify_timeout: float = field(default=5.0, metadata={"min": 0, "doc": "budget of the notify step (signal, webhook retries), seconds"})
     snapshot_reserve: float = field(default=5.0, metadata={"min": 0, "doc": "seconds always kept for the snapshot step"})
     upload_reserve: float = field(default=15.0, metadata={"min": 0, "doc": "seconds always kept for the S3 checkpoint upload"})

@@ -648,7 +648,8 @@ class Drainer:
         for name in sorted(rec["snapshots"]):
             if time.monotonic() >= end:
                 return "cut", f"out of time; deleted {len(deleted)}"
-            deleted += snaps.apply_retention(ec2, name, self.config.drain.keep_snapshots)
+            deleted += snaps.apply_retention(ec2, name, self.config.drain.keep_snapshots,
+                                             run=self.config.agent.run or self.identity.instance_id)
         return "ok", f"deleted {len(deleted)} old snapshot(s)" if deleted else ""
 
     def _step_lifecycle(self, plan: Plan, event: Event, rec: Dict[str, Any], slot: str, budget: float,

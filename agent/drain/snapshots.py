@@ -188,13 +188,17 @@ def choose_deletions(snapshots: List[Dict[str, Any]], keep: int) -> List[str]:
             if s["SnapshotId"] not in kept and s.get("State") in ("completed", "error")]
 
 
-def apply_retention(ec2: Any, volume: str, keep: int) -> List[str]:
-    """Delete our snapshots of ``volume`` beyond the newest ``keep``; returns the deleted ids."""
-    resp = ec2.describe_snapshots(OwnerIds=["self"], Filters=[
-        {"Name": f"tag:{MANAGED}", "Values": ["true"]},
-        {"Name": f"tag:{TAG_VOLUME}", "Values": [volume]},
-    ])
-    snaps = [s for s in resp.get("Snapshots", []) if _tags(s).get(TAG_VOLUME) == volume]
+def apply_retention(ec2: Any, volume: str, keep: int, run: str = "") -> List[str]:
+    """Delete our snapshots of ``volume`` beyond the newest ``keep``; returns the deleted ids.
+
+    ``run``: only that run's (``spot-agent:run``). A fleet shares one config, so every instance names its
+    volume the same: without the run, each instance's retention would age out the others' snapshots."""
+    filters = [{"Name": f"tag:{MANAGED}", "Values": ["true"]}, {"Name": f"tag:{TAG_VOLUME}", "Values": [volume]}]
+    if run:
+        filters.append({"Name": f"tag:{TAG_RUN}", "Values": [run]})
+    resp = ec2.describe_snapshots(OwnerIds=["self"], Filters=filters)
+    snaps = [s for s in resp.get("Snapshots", []) if _tags(s).get(TAG_VOLUME) == volume
+             and (not run or _tags(s).get(TAG_RUN) == run)]
     deleted = []
     for snap_id in choose_deletions(snaps, keep):
         try:

@@ -192,3 +192,22 @@ def test_a_drain_left_by_an_earlier_boot_is_closed_not_resumed(drain_env):
     assert drain_env.snapshots() == [] and not lifecycle_calls()
     # a new notice on this boot drains normally
     assert drainer.run(spot(key="spot:new")).ok
+
+
+def test_retention_ages_out_only_this_runs_snapshots(aws):
+    """A fleet shares one config, so every instance's volume is called "ckpt": one instance's retention
+    must not delete another's snapshots."""
+    from agent.sim.blockdevs import LocalBlockDevices
+
+    vid = aws.ec2.create_volume(AvailabilityZone="us-east-1a", Size=1)["VolumeId"]
+    made = {}
+    for run in ("i-aaa", "i-bbb"):
+        for i in range(3):
+            tags = snaps.snapshot_tags(run, "ckpt", run, "spot-interruption", 0.0, f"{run}:{i}")
+            sid = snaps.create_snapshot(aws.ec2, vid, tags, f"{run} {i}")
+            LocalBlockDevices.set_snapshot(sid, start_time=f"2026-01-0{i + 1}T00:00:0{run[-1] == 'b' and 1 or 0}.000Z")
+            made.setdefault(run, []).append(sid)
+    deleted = snaps.apply_retention(aws.ec2, "ckpt", keep=1, run="i-aaa")
+    assert set(deleted) == set(made["i-aaa"][:2])
+    left = {s["SnapshotId"] for s in aws.ec2.describe_snapshots(OwnerIds=["self"])["Snapshots"]}
+    assert set(made["i-bbb"]) <= left and made["i-aaa"][2] in left
