@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple, Type, TypeVar
 T = TypeVar("T")
 
 MAX_INT = 2 ** 63 - 1  # TOML integers are 64-bit; a bigger one is a typo, not a setting
+MAX_FLOAT = 1e9  # a number key without its own max: seconds, and 1e9 is 31 years
 NUL_MESSAGE = "must not contain a NUL character"
 
 
@@ -177,6 +178,10 @@ def _check_field(field: dataclasses.Field, value: Any, path: str, problems: List
                 where = f"{path}[{i}]" if isinstance(value, list) else path
                 problems.append(ConfigProblem(where, f"{v!r} is not one of {', '.join(map(str, choices))}"))
                 ok = False
+    if isinstance(value, float) and "max" not in meta and abs(value) > MAX_FLOAT:
+        # Every number key is seconds: 1e300 is finite, and overflows the first wait or datetime.
+        problems.append(ConfigProblem(path, f"must be at most {MAX_FLOAT:g}, got {value}"))
+        ok = False
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if "min" in meta and value < meta["min"]:
             problems.append(ConfigProblem(path, f"must be >= {meta['min']}, got {value}"))

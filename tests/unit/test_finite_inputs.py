@@ -41,6 +41,13 @@ def test_integer_too_big_for_a_float_field_is_a_problem_not_an_overflow():
     assert problems(f"[drain]\nmargin = {10 ** 400}\n") == [f"drain.margin: must be a finite number, got {10 ** 400}"]
 
 
+@pytest.mark.parametrize("value", ["1e300", "1e10"])
+def test_finite_but_huge_seconds_are_refused(value):
+    """threading.Event().wait(1e300) raises OverflowError: a number key without its own max is capped."""
+    text = f'[[checkpoints]]\ndir = "/ckpt"\ns3 = "s3://bucket-a/c/"\ninterval = {value}\n'
+    assert problems(text) == [f"checkpoints[0].interval: must be at most 1e+09, got {float(value)}"]
+
+
 def test_integer_beyond_64_bits_is_refused():
     assert problems(f"[transfer]\npart_size = {2 ** 64}\n") == [f"transfer.part_size: must fit in 64 bits, got {2 ** 64}"]
 
