@@ -172,7 +172,9 @@ def render(status: Dict[str, Any], now: float, source: str = "socket") -> str:
 
     for fb in _list(status.get("restore_fallbacks")):
         rejected = _list(fb.get("rejected_manifests"))
-        newest = rejected[0] if rejected else {}
+        if not rejected:
+            continue
+        newest = rejected[0]
         lines.append(f"restore     {_text(fb.get('dir'))}: restored {_text(fb.get('checkpoint_id'), 'nothing')}; "
                      f"{len(rejected)} newer manifest(s) did not verify (newest {_text(newest.get('id'))}: "
                      f"{_text(newest.get('reason'))})")

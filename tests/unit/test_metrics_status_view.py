@@ -130,3 +130,16 @@ def test_parse_listen(listen: str, expected: tuple) -> None:
 def test_parse_listen_refuses_bad_addresses(listen: str) -> None:
     with pytest.raises(ValueError, match=r"\[metrics\] listen must be HOST:PORT"):
         parse_listen(listen)
+
+
+def test_a_restore_that_fell_back_is_shown() -> None:
+    status = dict(full_status(), restore_fallbacks=[
+        {"dir": "/data/ckpt", "s3": "s3://bucket/ckpt/", "checkpoint_id": "20261201T201518.405336Z-e44e8d",
+         "rejected_manifests": [{"id": "20261201T211518.405336Z-abcdef", "reason": "files[0]: expected an object, got str"}]},
+        {"dir": "/data/other", "checkpoint_id": None, "rejected_manifests": "garbage"}])
+    lines = [line for line in render(status, NOW).splitlines() if line.startswith("restore ")]
+    assert lines == [
+        "restore     /data/ckpt: restored 20261201T201518.405336Z-e44e8d; 1 newer manifest(s) did not verify "
+        "(newest 20261201T211518.405336Z-abcdef: files[0]: expected an object, got str)"]
+    status["restore_fallbacks"][0]["checkpoint_id"] = None
+    assert "restore     /data/ckpt: restored nothing; 1 newer" in render(status, NOW)
