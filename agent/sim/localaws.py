@@ -219,20 +219,17 @@ class StrictMiddleware:
             captured["status"], captured["headers"] = status, headers
             return lambda data: None
 
-        if req.action == "AttachVolume":
-            from agent.sim import blockdevs
+        from agent.sim import blockdevs
 
-            with blockdevs.attach_delay(self.model.settings.attach_seconds):
-                chunks = self.app(environ, capture)
-                out = b"".join(chunks)
-        else:
+        # an attachment's block device appears when it reaches "attached", not when moto (at once) says so
+        delay = self.model.settings.attach_seconds if req.action == "AttachVolume" else 0.0
+        with blockdevs.attach_delay(delay):
             chunks = self.app(environ, capture)
-        try:
-            if req.action != "AttachVolume":
+            try:
                 out = b"".join(chunks)
-        finally:
-            if hasattr(chunks, "close"):
-                chunks.close()
+            finally:
+                if hasattr(chunks, "close"):
+                    chunks.close()
         status = captured.get("status", "500 INTERNAL SERVER ERROR")
         if status.startswith("200"):
             self.model.learned(req, out)

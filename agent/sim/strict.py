@@ -454,9 +454,8 @@ class StrictModel:
         self.attaching.pop(vid, None)
         iid = (_text(root, "instanceId") if root is not None else "") or req.get("InstanceId")
         device = (_text(root, "device") if root is not None else "") or req.get("Device")
-        if req.get("Force").lower() == "true" and not self.settings.detach_seconds:
-            return
-        self.detaching[vid] = _Attachment(iid, device, now + self.settings.detach_seconds)
+        if self.settings.detach_seconds > 0:
+            self.detaching[vid] = _Attachment(iid, device, now + self.settings.detach_seconds)
 
     def _learn_CompleteLifecycleAction(self, req: Request, root: Optional[ET.Element], now: float) -> None:
         w = self.waits.get(req.get("InstanceId"))
