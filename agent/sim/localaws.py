@@ -168,6 +168,15 @@ class MotoBackend:
                             out.append((group, hook.name, float(hook.heartbeat_timeout), hook.default_result))
         return out
 
+    def hook_transition(self, group: str, hook: str) -> str:
+        from moto.autoscaling.models import autoscaling_backends
+
+        for account in list(autoscaling_backends.values()):
+            for region in list(account.keys()):
+                for h in account[region].describe_lifecycle_hooks(group, [hook]):
+                    return str(h.lifecycle_transition or "")
+        return ""
+
     def written_gib(self, volume_id: str) -> Optional[float]:
         from agent.sim import blockdevs
 

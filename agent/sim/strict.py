@@ -119,6 +119,7 @@ class Backend(Protocol):
     def instance_devices(self, instance_id: str) -> Dict[str, str]: ...  # device name -> volume id
     def instance_root_device(self, instance_id: str) -> str: ...
     def terminating_hooks(self, instance_id: str) -> List[Tuple[str, str, float, str]]: ...  # group, hook, timeout, default
+    def hook_transition(self, group: str, hook: str) -> str: ...  # "" when there is no such hook
     def written_gib(self, volume_id: str) -> Optional[float]: ...
 
 
@@ -221,6 +222,7 @@ class StrictModel:
             self.detaching: Dict[str, _Attachment] = {}
             self.last_snapshot: Dict[str, float] = {}
             self.waits: Dict[str, LifecycleWait] = {}
+            self.launched: Dict[str, str] = {}  # instance -> result of its launching hook, once completed
             self._buckets: Dict[Tuple[str, str], TokenBucket] = {}
             self.calls: List[Dict[str, Any]] = []  # every call: caller, service, action, at, code
 
@@ -395,6 +397,12 @@ class StrictModel:
         w = self.waits.get(iid)
         if not self.settings.lifecycle_wait:
             return w, None
+        transition = self.backend.hook_transition(req.get("AutoScalingGroupName"), req.get("LifecycleHookName"))
+        if transition.endswith("LAUNCHING"):
+            # a new instance of a group with a launching hook waits in Pending:Wait until it is completed once
+            if iid in self.launched:
+                return None, AWSError("ValidationError", f"No active Lifecycle Action found with instance ID {iid}")
+            return None, None
         if w is None or w.result or w.hook != req.get("LifecycleHookName"):
             return None, AWSError("ValidationError", f"No active Lifecycle Action found with instance ID {iid}")
         return w, None
@@ -458,6 +466,9 @@ class StrictModel:
             self.detaching[vid] = _Attachment(iid, device, now + self.settings.detach_seconds)
 
     def _learn_CompleteLifecycleAction(self, req: Request, root: Optional[ET.Element], now: float) -> None:
+        if self.backend.hook_transition(req.get("AutoScalingGroupName"), req.get("LifecycleHookName")).endswith("LAUNCHING"):
+            self.launched[req.get("InstanceId")] = req.get("LifecycleActionResult")
+            return
         w = self.waits.get(req.get("InstanceId"))
         if w is not None and not w.result:
             w.result, w.how = req.get("LifecycleActionResult"), "completed"

@@ -227,3 +227,15 @@ def test_the_block_device_appears_only_once_attached(tmp_path):
     finally:
         sim.cleanup()
         server.stop()
+
+
+def test_a_launching_hook_is_accepted_once_per_instance(fresh):
+    asg, iid = group_with_hook(fresh)
+    asg.put_lifecycle_hook(AutoScalingGroupName="g", LifecycleHookName="launch", HeartbeatTimeout=60,
+                           LifecycleTransition="autoscaling:EC2_INSTANCE_LAUNCHING", DefaultResult="ABANDON")
+    args = dict(AutoScalingGroupName="g", LifecycleHookName="launch", InstanceId=iid)
+    asg.record_lifecycle_action_heartbeat(**args)
+    asg.complete_lifecycle_action(LifecycleActionResult="CONTINUE", **args)
+    with pytest.raises(ClientError) as info:
+        asg.complete_lifecycle_action(LifecycleActionResult="CONTINUE", **args)
+    assert "No active Lifecycle Action" in str(info.value)

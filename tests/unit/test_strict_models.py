@@ -43,6 +43,9 @@ class FakeBackend:
     def written_gib(self, vid: str) -> Optional[float]:
         return self.written.get(vid)
 
+    def hook_transition(self, group: str, hook: str) -> str:
+        return {"launch": "autoscaling:EC2_INSTANCE_LAUNCHING", "h": "autoscaling:EC2_INSTANCE_TERMINATING"}.get(hook, "")
+
 
 NS = "http://ec2.amazonaws.com/doc/2016-11-15/"
 
@@ -316,6 +319,17 @@ def test_heartbeats_extend_the_timeout_and_silence_times_out_to_the_default(worl
     assert (w.result, w.how, w.heartbeats) == ("ABANDON", "timed out", 1)
     assert calls[-1] == {"call": "LifecycleActionTimeout", "group": "g", "hook": "h", "instance_id": "i-1",
                          "result": "ABANDON"}
+    assert model.check(lifecycle("CompleteLifecycleAction", LifecycleActionResult="CONTINUE")).code == "ValidationError"
+
+
+def test_a_launching_hook_is_completed_once_while_pending(world):
+    clock, backend, model, _ = world
+    complete = lifecycle("CompleteLifecycleAction", hook="launch", LifecycleActionResult="CONTINUE")
+    assert model.check(lifecycle("RecordLifecycleActionHeartbeat", hook="launch")) is None
+    assert model.check(complete) is None
+    model.learned(complete, b"<ok/>")
+    assert model.check(complete).code == "ValidationError"
+    # the terminating hook still needs Terminating:Wait
     assert model.check(lifecycle("CompleteLifecycleAction", LifecycleActionResult="CONTINUE")).code == "ValidationError"
 
 
