@@ -27,6 +27,8 @@ endpoint_url = "http://127.0.0.1:9"
 enabled = false
 [drain.lifecycle]
 enabled = false
+[fleet]
+launch_lifecycle = false
 [[hooks]]
 on = ["spot-interruption", "rebalance-recommendation", "scheduled-maintenance", "asg-termination", "shutdown"]
 command = ["{hook}"]
