@@ -119,6 +119,7 @@ def _terminal_plan(event: Event, config: Config, now: float, shutdown_budget: fl
         if step.wanted <= 0:
             _skip(step, step.detail if step.name == WAIT or not targets else f"{step.name}_timeout is 0")
 
+    notes.extend(f"workload: {n}" for n in profiles.for_config(config, event.kind).notes)
     if event.action == "hibernate":
         order = [snap, upload, notify, wait, retention, life]
         notes.append("hibernate: the instance may stop with no lead time, so the snapshot goes first")

@@ -216,6 +216,7 @@ class Workload:
         self.session = session or requests.Session()
         self._hook_thread: Optional[threading.Thread] = None
         self.hook_results: List[HookResult] = []
+        self.checkpoint_dirs = [os.path.normpath(d) for d in checkpoint_dirs]
         self.resolved = profiles.resolve(section, socket_path=socket_path, checkpoint_dirs=checkpoint_dirs,
                                          has_hooks=bool(hooks))
         r = self.resolved
@@ -397,7 +398,7 @@ class Workload:
                     met.append(cond)
             if not pending or (mode == "any" and met):
                 if checkpoint:
-                    notes.append(f"checkpoint {checkpoint}")
+                    notes.append(f"checkpoint {checkpoint}" + self._outside(checkpoint))
                 if mode == "any":
                     notes.insert(0, f"{met[0]} done")
                 return WaitResult(True, [], notes, checkpoint)
@@ -407,6 +408,13 @@ class Workload:
                 notes.extend(f"ack refused: {why}" for why in self.channel.refused[:3])
                 return WaitResult(False, pending, notes)
             time.sleep(min(POLL * 5 if "commit" in pending else POLL, max(0.0, deadline - time.monotonic())))
+
+    def _outside(self, path: str) -> str:
+        """A note when the acknowledged checkpoint is not under a directory the agent uploads."""
+        roots = [d for d in [self.resolved.commit_dir, *self.checkpoint_dirs] if d]
+        if not roots or any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots):
+            return ""
+        return " (outside the checkpoint dirs: only a snapshot of its volume keeps it)"
 
     def _commit_since(self, since: float) -> Tuple[Optional[str], str]:
         r = self.resolved

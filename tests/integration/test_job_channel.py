@@ -189,3 +189,20 @@ def test_a_step_committed_just_before_the_notice_is_not_the_answer(tmp_path):
     assert committed_step(str(ck), ".metadata", "", since, 0.0, time.time() + 5, before)[0] is None
     _step(ck, "step-10")
     assert committed_step(str(ck), ".metadata", "", since, 0.0, time.time() + 5, before)[0] == str(ck / "step-10")
+
+
+def test_an_ack_outside_the_checkpoint_dirs_is_named(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir(mode=0o755)
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    c = parse(f'[agent]\nsocket = "{run}/agent.sock"\n[drain.workload]\ncomplete = ["ack"]\n')
+    wl = Workload(c.drain.workload, [], Runner(), socket_path=c.agent.socket, checkpoint_dirs=[str(ck)])
+    wl.prepare()
+    wl.publish(Event("manual", "drain", None, "m:2", time.time()), None)
+    env = {"SPOT_AGENT_NOTICE_FILE": str(run / "notice.json"), "SPOT_AGENT_ACK_DIR": str(run / "ack")}
+    out = as_nobody("import spot_agent_job as s; print(s.checkpoint_saved('/elsewhere/step-1'))", env)
+    assert out.stdout.strip() == "True", out.stderr
+    res = wl.wait(["ack"], 5.0, time.time() - 5, None)
+    assert res.met and res.checkpoint == "/elsewhere/step-1"
+    assert any("outside the checkpoint dirs" in n for n in res.notes)

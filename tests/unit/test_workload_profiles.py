@@ -142,3 +142,12 @@ def test_a_good_ack():
     ack, why = parse_ack(json.dumps({"format": 1, "path": "/mnt/ckpt/step-9/", "notice": "spot:1", "time": 5.0,
                                      "pid": 42, "step": 9}).encode(), 1000)
     assert why == "" and (ack.path, ack.notice, ack.step, ack.uid) == ("/mnt/ckpt/step-9", "spot:1", 9, 1000)
+
+
+def test_the_plan_carries_the_profile_notes():
+    c = cfg('profile = "torchrun"\nunit = "t.service"\nsignal = "SIGUSR1"\ncomplete = ["marker", "process"]\n')
+    plan = build_plan(Event("spot-interruption", "terminate", 1120.0, "k", 1000.0), c, 1000.0, 90.0,
+                      volumes=[], stores=[], lifecycle=False)
+    assert any(n.startswith("workload: marker: no marker set") for n in plan.notes)
+    assert any("PET_SIGNALS_TO_HANDLE" in n for n in plan.notes)
+    assert "workload:" in plan.render()
