@@ -222,3 +222,25 @@ def test_owner_and_mode_defaults_for_old_manifests_and_no_setuid_from_a_hostile_
     assert rr.restored, rr.error
     s = os.lstat(evil / "bin" / "tool")
     assert (s.st_uid, s.st_mode & 0o7777) == (0, 0o755)
+
+
+def test_a_fifo_swapped_in_for_a_file_cannot_hang_the_upload(s3, arena, job, tmp_path):
+    """Opening a FIFO for reading blocks until a writer comes: the drain's upload must not wait on it."""
+    import threading
+
+    ck = arena.home / "ckpt"
+    job_files(job, ck, {"f.bin": b"d" * 1000, "g.bin": b"e" * 10})
+    job.run(f"os.mkfifo({str(ck / '.p')!r})")
+    job.swap((str(ck / "f.bin"), str(ck / ".p")))
+    st = store(s3, ck, tmp_path / "state")
+    t = threading.Thread(target=lambda: [st.upload(settled=True) for _ in range(4)], daemon=True)
+    t.start()
+    t.join(120)  # the old code never returned; this one takes well under a second per upload
+    job.stop()
+    assert not t.is_alive(), "an upload hangs on a FIFO the job swapped in"
+    job.run(f"""
+if not os.path.isfile({str(ck / 'f.bin')!r}):
+    exchange({str(ck / 'f.bin')!r}, {str(ck / '.p')!r})
+os.unlink({str(ck / '.p')!r})
+""")
+    still_works(s3, job, arena, tmp_path, ck)
