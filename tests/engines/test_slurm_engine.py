@@ -150,3 +150,98 @@ def test_rebalance_drains_the_node_only_and_resumes_it_when_no_interruption_foll
     wait_for(lambda: "DRAIN" not in slurm.node_info("n2")["State"], 15, "n2 resumed after the quiet period")
     assert slurm.node_states()["n2"].startswith("IDLE")
     s.close()
+
+
+LIGHTNING_JOB = r"""#!/bin/bash
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --job-name=lightning
+trap 'echo "batch shell got USR1"' USR1
+srun PYTHON JOB ROOT &
+wait $!
+wait $!
+"""
+
+
+def test_lightning_slurm_auto_requeue_under_the_agent(slurm_fresh, local_aws, aws, tmp_path):
+    """The realistic case: a real Lightning fit (its Slurm auto-requeue on SIGUSR1) under the agent.
+    The notice drains the job's node and signals the job; Lightning saves hpc_ckpt_1.ckpt and requeues
+    itself ([slurm] requeue = false: left to the job); the agent waits for the commit, uploads the
+    checkpoint, and the requeued job resumes from it on the other node at the saved step."""
+    from tests.engines.ray_cluster import REPO
+
+    torch_python = os.path.join(REPO, ".venv-torch", "bin", "python")
+    assert os.path.exists(torch_python), "scripts/setup-test-env.sh makes .venv-torch (torch 2.13.0 + lightning)"
+    slurm = slurm_fresh
+    root = str(tmp_path)
+    script = os.path.join(root, "job.sh")
+    with open(script, "w") as fh:
+        fh.write(LIGHTNING_JOB.replace("PYTHON", torch_python).replace("JOB", os.path.join(REPO, "tests", "engines", "lightning_job.py"))
+                 .replace("ROOT", root))
+    aws.s3.create_bucket(Bucket="lightning")
+    job_id = slurm.sbatch(script, "-o", os.path.join(root, "job.out"))
+    wait_for(lambda: os.path.exists(f"{root}/training"), 120, "Lightning training")
+    node = {str(j["job_id"]): j for j in slurm.jobs()}[job_id]["batch_host"]
+    other = "n2" if node == "n1" else "n1"
+    sim = IMDSSimulator(port=0).start()
+    state_dir = os.path.join(root, "state")
+    config = f"""
+[agent]
+state_dir = "{state_dir}"
+socket = "{root}/agent.sock"
+[imds]
+endpoint = "{sim.url}"
+poll_interval = 0.1
+[aws]
+endpoint_url = "{local_aws.url}"
+region = "us-east-1"
+[metrics]
+enabled = false
+[drain.lifecycle]
+enabled = false
+[slurm]
+node = "{node}"
+conf = "{slurm.conf}"
+bin_dir = "/usr/bin"
+commit_file = "{root}/commit/{{job_id}}/{{node}}.done"
+[[checkpoints]]
+dir = "{root}/lightning"
+s3 = "s3://lightning/run/"
+interval = 0
+restore = false
+"""
+    agent = AgentProcess(tmp_path, config)
+    try:
+        agent.wait_ready(30)
+        sim.control("spot", {"action": "terminate", "in": 120})
+        wait_file(os.path.join(state_dir, "status.json"), 90, contains='"state": "drained"')
+        steps = {s["name"]: s for s in json.load(open(os.path.join(state_dir, "status.json")))["drain"]["steps"]}
+        assert steps["scheduler"]["state"] == "ok" and steps["wait"]["state"] == "ok", (steps, agent.log())
+        assert steps["upload"]["state"] == "ok" and "requeue" not in steps, steps
+    finally:
+        agent.stop()
+        sim.stop()
+    keys = [o["Key"] for o in aws.s3.list_objects_v2(Bucket="lightning", Prefix="run/").get("Contents", [])]
+    assert any(k.endswith("/hpc_ckpt_1.ckpt") for k in keys), keys
+    saved = torch_step(torch_python, os.path.join(root, "lightning", "hpc_ckpt_1.ckpt"))
+    # Lightning requeued its own job; it starts again on the other node (ours is drained), at the saved step
+    wait_for(lambda: {str(j["job_id"]): j for j in slurm.jobs()}.get(job_id, {}).get("restart_cnt") == 1, 30, "the requeue")
+    # a requeued job waits ~120 s for its BeginTime: start it now (test time only)
+    wait_for(lambda: os.path.exists(f"{root}/start-1")
+             or slurm.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False).returncode == 0,
+             60, "the requeued job to be pending")
+    wait_for(lambda: os.path.exists(f"{root}/start-1"), 180, "the requeued job to start")
+    with open(f"{root}/start-1") as fh:
+        assert int(fh.read()) == saved
+    assert {str(j["job_id"]): j for j in slurm.jobs()}[job_id]["batch_host"] == other
+    assert "DRAIN" in slurm.node_info(node)["State"]
+
+
+def torch_step(python: str, path: str) -> int:
+    import subprocess
+
+    out = subprocess.run([python, "-c", f"import torch; print(torch.load({path!r}, weights_only=False)['global_step'])"],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.strip())
