@@ -336,7 +336,7 @@ class Daemon:
             self._startup_steps()
         except Exception as exc:  # noqa: BLE001
             if self.launch_hook is not None:
-                self.launch_hook.finish("ABANDON", f"startup failed: {exc}")
+                self.launch_hook.finish("ABANDON", f"startup failed: {exc}", wait=5.0)  # the exit waits for it
             self.startup_error = f"{type(exc).__name__}: {exc}"
             log.exception("startup failed")
             self.set_status(f"startup failed: {exc}")
@@ -388,14 +388,14 @@ class Daemon:
             return
         self.ready.set()
         metrics.READY.set(1)
-        if self.launch_hook is not None:
-            self.launch_hook.finish("CONTINUE", "READY")
         if not self.supervisor.drain_started.is_set():
             metrics.set_state("ready")
         line = self._ready_line()
         self.status_line = line
         self.notifier.ready(line)
         log.info("ready: %s", line, extra={"journal": {"MESSAGE_ID": "5c0f6e1e8b7d4c6f9a4f1d2a7e3b0c10"}})
+        if self.launch_hook is not None:  # CONTINUE to Auto Scaling, off the startup path
+            threading.Thread(target=self.launch_hook.finish, args=("CONTINUE", "READY"), name="launch-hook", daemon=True).start()
         self.changed()
         self._start_checkpoint_schedules()
 

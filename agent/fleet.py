@@ -46,35 +46,51 @@ class LaunchHook:
         self.target: Optional[lc.LifecycleTarget] = None
         self._beats: Optional[lc.Heartbeats] = None
         self._done = False
+        self._stopped = False
+        self._lock = threading.Lock()
+        self._thread: Optional[threading.Thread] = None
 
     def start(self) -> "LaunchHook":
-        """Find the launching hook and heartbeat its action while startup runs."""
+        """Find the launching hook and heartbeat its action while startup runs; in the background, so
+        a slow or unreachable Auto Scaling endpoint never delays READY."""
         if not self.fleet.launch_lifecycle or self.autoscaling is None or not self.instance_id:
             return self
         rec = self.state.get(SECTION, {}) or {}
         if rec.get("launch_boot") == boot_id() and rec.get("launch_result"):
             self._done = True  # this boot's launch action was answered by an earlier run of the agent
             return self
-        try:
-            self.target = lc.discover(self._budgeted(CALL_BUDGET), self.instance_id, self.group, self.fleet.launch_hook,
-                                      transition=LAUNCHING)
-        except Exception as exc:  # noqa: BLE001 - no launch hook answer is not a reason to stop starting
-            log.warning("launch lifecycle hook discovery failed: %s", exc)
-            return self
-        if self.target is not None:
-            log.info("launch lifecycle hook %s/%s: heartbeats every %gs until READY", self.target.group,
-                     self.target.hook, self.fleet.launch_heartbeat_interval)
-            self._beats = lc.Heartbeats(self.autoscaling, self.target, self.instance_id,
-                                        self.fleet.launch_heartbeat_interval).start()
+        self._thread = threading.Thread(target=self._discover, name="launch-hook", daemon=True)
+        self._thread.start()
         return self
 
-    def stop(self) -> None:
-        if self._beats is not None:
-            self._beats.stop()
-            self._beats = None
+    def _discover(self) -> None:
+        try:
+            target = lc.discover(self._budgeted(CALL_BUDGET), self.instance_id, self.group, self.fleet.launch_hook,
+                                 transition=LAUNCHING)
+        except Exception as exc:  # noqa: BLE001 - no launch hook answer is not a reason to stop starting
+            log.warning("launch lifecycle hook discovery failed: %s", exc)
+            return
+        with self._lock:
+            self.target = target
+            if target is None or self._stopped:
+                return
+            log.info("launch lifecycle hook %s/%s: heartbeats every %gs until READY", target.group, target.hook,
+                     self.fleet.launch_heartbeat_interval)
+            self._beats = lc.Heartbeats(self.autoscaling, target, self.instance_id,
+                                        self.fleet.launch_heartbeat_interval).start()
 
-    def finish(self, result: str, why: str = "") -> bool:
-        """CONTINUE (READY) or ABANDON (startup failed), once; True when Auto Scaling took it."""
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            beats, self._beats = self._beats, None
+        if beats is not None:
+            beats.stop()
+
+    def finish(self, result: str, why: str = "", wait: float = CALL_BUDGET + 5) -> bool:
+        """CONTINUE (READY) or ABANDON (startup failed), once; True when Auto Scaling took it. Waits up
+        to ``wait`` seconds for the discovery still running (it retries within its own budget)."""
+        if self._thread is not None:
+            self._thread.join(wait)
         self.stop()
         if self._done or self.target is None:
             return False

@@ -46,6 +46,7 @@ def test_launch_hook_heartbeats_then_continues_once_per_boot(tmp_path):
     asg = FakeAutoScaling()
     state = StateStore(str(tmp_path / "s.json"))
     hook = LaunchHook(FleetSection(launch_heartbeat_interval=1.0), "", asg, "i-1", state).start()
+    hook._thread.join(5)  # discovery runs in the background (READY never waits for Auto Scaling)
     assert hook.target is not None and hook.target.hook == "launch"
     time.sleep(0.1)
     assert ("beat", "launch") in asg.calls
@@ -108,3 +109,15 @@ def test_rebalance_with_nothing_following_counts_none_followed_and_survives_a_re
     assert sample("spot_agent_rebalance_outcomes_total", outcome="none_followed") == before + 1
     assert t2.interrupted("spot-interruption") is None
     t2.close()
+
+
+def test_an_unreachable_auto_scaling_never_delays_startup(tmp_path):
+    class Hanging(FakeAutoScaling):
+        def describe_auto_scaling_instances(self, InstanceIds):  # noqa: N803
+            time.sleep(3)
+            raise ConnectionError("unreachable")
+
+    t0 = time.monotonic()
+    hook = LaunchHook(FleetSection(), "", Hanging(), "i-1", StateStore(str(tmp_path / "s.json"))).start()
+    assert time.monotonic() - t0 < 1.0
+    assert hook.finish("ABANDON", wait=0.1) is False and time.monotonic() - t0 < 2.0
