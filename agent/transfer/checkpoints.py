@@ -89,6 +89,13 @@ class RestoreResult:
         return bool(self.rejected) and bool(self.checkpoint_id)
 
 
+def precondition_failed(exc: ClientError) -> bool:
+    """A conditional write (If-None-Match: *) refused because the key exists (412, or 409 for a race)."""
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)
+
+
 def new_checkpoint_id(now: float) -> str:
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int((now % 1) * 1e6):06d}Z-{secrets.token_hex(3)}"
 
@@ -555,9 +562,7 @@ class CheckpointStore:
                      ContentType="application/json", ChecksumSHA256=checksums.of_bytes("sha256", body))
             return ""
         except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if code not in ("PreconditionFailed", "ConditionalRequestConflict") and status not in (409, 412):
+            if not precondition_failed(exc):
                 return f"manifest write failed, not committed: {exc}"
         except Exception as exc:  # noqa: BLE001
             return f"manifest write failed, not committed: {exc}"

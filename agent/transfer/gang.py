@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from botocore.exceptions import ClientError
 
-from agent.transfer.checkpoints import ID_RE, CheckpointStore, CommitResult, RestoreResult
+from agent.transfer.checkpoints import ID_RE, CheckpointStore, CommitResult, RestoreResult, precondition_failed
 from agent.transfer.keys import split_s3_url
 
 log = logging.getLogger(__name__)
@@ -272,8 +272,7 @@ class GangStore:
             self.s3.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType="application/json", IfNoneMatch="*")
             return True
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict") or \
-                    exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+            if precondition_failed(exc):
                 return False
             raise
 
