@@ -70,7 +70,7 @@ class CommittingStore:
 
     name = "s3://bucket/ckpt/"
 
-    def upload(self, deadline, reason, settled):
+    def upload(self, deadline, reason, settled, **more):
         from types import SimpleNamespace
 
         return SimpleNamespace(committed=True, checkpoint_id="ck-1", files=1, bytes=1, error="")
