@@ -53,21 +53,22 @@ def cli(*args, timeout=60):
     return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("systemd,state,mode,drains", [
-    (True, "running", "auto", False),     # systemctl stop / restart spot-agent
-    (True, "degraded", "auto", False),
-    (True, "stopping", "auto", True),     # poweroff, reboot, ACPI shutdown, ASG scale-in without a hook
-    (False, "stopping", "auto", False),   # no systemd (a laptop): SIGTERM only stops the agent
-    (False, "running", "drain", True),    # ... unless the config asks for the drain
-    (True, "stopping", "exit", False),
+@pytest.mark.parametrize("systemd,state,mode,drains,sig", [
+    (True, "running", "auto", False, signal.SIGTERM),     # systemctl stop / restart spot-agent
+    (True, "degraded", "auto", False, signal.SIGTERM),
+    (True, "stopping", "auto", True, signal.SIGTERM),     # poweroff, reboot, ACPI shutdown, ASG scale-in without a hook
+    (False, "stopping", "auto", False, signal.SIGTERM),   # no systemd (a laptop): SIGTERM only stops the agent
+    (False, "running", "auto", False, signal.SIGINT),     # Ctrl-C too
+    (False, "running", "drain", True, signal.SIGTERM),    # ... unless the config asks for the drain
+    (True, "stopping", "exit", False, signal.SIGTERM),
 ])
-def test_what_a_sigterm_means(agent, hook, tmp_path, systemd, state, mode, drains):
+def test_what_a_sigterm_means(agent, hook, tmp_path, systemd, state, mode, drains, sig):
     fake = FakeHost(tmp_path, systemd=systemd)
     fake.set_state(state)
     a = agent(fake.toml() + f'[drain]\nshutdown_budget = 45\non_sigterm = "{mode}"\n')
     a.wait_ready()
     before = time.time()
-    a.signal(signal.SIGTERM)
+    a.signal(sig)
     assert a.wait_exit() == 0
     if drains:
         (row,) = lines(hook[1])

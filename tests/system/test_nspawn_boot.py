@@ -319,10 +319,14 @@ def assert_drained_before_workload_stopped(root: Path, entries: List[Dict[str, s
     hook = hook_log(root, kind)
     assert hook["SPOT_AGENT_EVENT"] == kind
     assert hook["workload"] == "active", "the drain ran after the workload was already being stopped"
+    # The drain (asked for by the guard; the agent itself keeps running until after the workload)
+    # was over before the workload got its SIGTERM.
     agent = unit_messages(entries, "spot-agent.service")
+    done = [e for e in agent if e.get("DRAIN_STEP") == "done" and e.get("EVENT_KIND") == kind]
+    assert done, "the agent never logged the end of its drain:\n" + describe(entries)
+    assert int(done[-1]["__REALTIME_TIMESTAMP"]) / 1e6 <= killed, "the workload got SIGTERM before the drain finished"
     stopped = [e for e in agent if "spot-agent stopped" in e.get("MESSAGE", "")]
     assert stopped, "the agent never logged its exit"
-    assert int(stopped[-1]["__REALTIME_TIMESTAMP"]) / 1e6 <= killed, "the workload got SIGTERM before the agent finished"
 
 
 @pytest.mark.slow
