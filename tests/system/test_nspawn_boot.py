@@ -115,7 +115,7 @@ try:
         out["agent_after_restart"] = show("spot-agent.service")
         out["workload_after_restart"] = show("workload.service")
         before = out["agent_after_restart"]["MainPID"]
-        sh("dpkg", "-i", "/tmp/spot-agent.deb", timeout=120, env={"SPOT_AGENT_RESTART_ON_UPGRADE": "1"})
+        sh("dpkg", "-i", "/var/lib/spot-agent-test/spot-agent.deb", timeout=120, env={"SPOT_AGENT_RESTART_ON_UPGRADE": "1"})
         wait_for(lambda: show("spot-agent.service").get("MainPID") not in ("0", before)
                  and show("spot-agent.service").get("SubState") == "running", 60)
         out["agent_after_upgrade"] = show("spot-agent.service")
@@ -229,7 +229,9 @@ def write(path: Path, text: str, mode: int) -> None:
 def prepare(root: Path, scenario: str, sim: str, deb: Path = None) -> None:
     write(root / "etc/spot-agent/agent.toml", agent_config(sim), 0o640)
     if deb is not None:  # the upgrade: the same package again, installed inside the booted machine
-        run(["cp", str(deb), str(root / "tmp/spot-agent.deb")])
+        # not /tmp: the booted container mounts a fresh tmpfs there
+        (root / "var/lib/spot-agent-test").mkdir(parents=True, exist_ok=True)
+        run(["cp", str(deb), str(root / "var/lib/spot-agent-test/spot-agent.deb")])
     write(root / "usr/local/bin/spot-test-hook", HOOK, 0o755)
     write(root / "usr/local/bin/spot-test-driver", DRIVER, 0o755)
     etc = root / "etc/systemd/system"
@@ -384,11 +386,11 @@ def test_restart_and_upgrade_leave_the_workload_and_a_spot_notice_still_drains(r
 
     # systemctl restart spot-agent, then an upgrade with SPOT_AGENT_RESTART_ON_UPGRADE=1 (try-restart):
     # a new agent each time, the same workload process, never asked to checkpoint.
-    pids = [res["agent"]["MainPID"], res["agent_after_restart"]["MainPID"], res["agent_after_upgrade"]["MainPID"]]
-    assert len(set(pids)) == 3 and "0" not in pids, pids
-    assert res["agent_after_upgrade"]["ActiveState"] == "active"
     upgrade = next(s for s in res["steps"] if s["argv"][:2] == ["dpkg", "-i"])
     assert upgrade["rc"] == 0, upgrade
+    pids = [res["agent"]["MainPID"], res["agent_after_restart"]["MainPID"], res["agent_after_upgrade"]["MainPID"]]
+    assert len(set(pids)) == 3 and "0" not in pids, (pids, upgrade, describe(entries))
+    assert res["agent_after_upgrade"]["ActiveState"] == "active"
     for key in ("workload_after_restart", "workload_after_upgrade"):
         assert res[key]["MainPID"] == res["workload"]["MainPID"] and res[key]["ActiveState"] == "active", res[key]
     events = workload_events(root)
@@ -426,14 +428,7 @@ def test_poweroff_drains_before_the_workload_is_killed(root: Path, simulator: st
     # Twice on the same disk: a stopped and restarted instance (or any reboot) keeps the agent's
     # state dir, and the next shutdown must drain again.
     for n in (1, 2):
-        for f in [root / "var/lib/workload/events.log", root / "var/lib/spot-agent-test/hook-shutdown.log",
-                  root / "var/lib/spot-agent-test/results.json"]:
-            f.unlink(missing_ok=True)
-        since = time.time()
-        console = boot(root, tmp_path)
-        res = results(root, console)
-        entries = [e for e in journal(root) if int(e["__REALTIME_TIMESTAMP"]) / 1e6 >= since]
-        assert_gated_start(res, entries)
+        res, entries = boot_again(root, tmp_path, "shutdown")
         assert_drained_before_workload_stopped(root, entries, "shutdown")
         shutdown = [e for e in unit_messages(entries, "spot-agent.service")
                     if e.get("EVENT_KIND") == "shutdown" and e.get("MESSAGE_ID") == MESSAGE_IDS["shutdown"]]
@@ -449,14 +444,7 @@ def test_a_stop_notice_on_each_boot_drains_each_boot_once(root: Path, simulator:
     boots = []
     for n in (1, 2):
         run([sys.executable, "-m", "agent", "simulate", "trigger", "clear", "--endpoint", simulator])
-        for f in [root / "var/lib/workload/events.log", root / "var/lib/spot-agent-test/hook-spot-interruption.log",
-                  root / "var/lib/spot-agent-test/results.json"]:
-            f.unlink(missing_ok=True)
-        since = time.time()
-        console = boot(root, tmp_path)
-        res = results(root, console)
-        entries = [e for e in journal(root) if int(e["__REALTIME_TIMESTAMP"]) / 1e6 >= since]
-        assert_gated_start(res, entries)
+        res, entries = boot_again(root, tmp_path, "spot-interruption")
         assert res["hook_ran"] and res["checkpointed"], f"boot {n}: the stop notice did not drain:\n" + describe(entries)
         assert hook_log(root, "spot-interruption")["SPOT_AGENT_ACTION"] == "stop"
         events = workload_events(root)
@@ -464,6 +452,19 @@ def test_a_stop_notice_on_each_boot_drains_each_boot_once(root: Path, simulator:
         assert_drained_once(entries, events)
         boots.append({e["_BOOT_ID"] for e in unit_messages(entries, "spot-agent.service")})
     assert len(boots[0] | boots[1]) == 2, "not two boots"
+
+
+def boot_again(root: Path, tmp_path: Path, hook_kind: str):
+    """Boot the same root once more: this boot's results and journal entries only."""
+    for f in [root / "var/lib/workload/events.log", root / f"var/lib/spot-agent-test/hook-{hook_kind}.log",
+              root / "var/lib/spot-agent-test/results.json"]:
+        f.unlink(missing_ok=True)
+    since = time.time()
+    console = boot(root, tmp_path)
+    res = results(root, console)
+    entries = [e for e in journal(root) if int(e["__REALTIME_TIMESTAMP"]) / 1e6 >= since]
+    assert_gated_start(res, entries)
+    return res, entries
 
 
 def assert_drained_once(entries: List[Dict[str, str]], events: List[tuple]) -> None:
