@@ -217,3 +217,12 @@ def _terminate(pid: int, timeout: float = 15.0) -> None:
         os.waitpid(pid, 0)
     except (ProcessLookupError, ChildProcessError):
         pass
+
+
+def agent_config(root: str, imds_url: str, aws_url: str = "") -> str:
+    """The part of an engine test's agent config every test shares: state under ``root``, the IMDS
+    simulator polled fast, moto when given, no metrics listener, no Auto Scaling lifecycle."""
+    aws = f'[aws]\nendpoint_url = "{aws_url}"\nregion = "us-east-1"\n' if aws_url else ""
+    return (f'[agent]\nstate_dir = "{root}/state"\nsocket = "{root}/agent.sock"\n'
+            f'[imds]\nendpoint = "{imds_url}"\npoll_interval = 0.1\n{aws}'
+            '[metrics]\nenabled = false\n[drain.lifecycle]\nenabled = false\n')

@@ -13,6 +13,7 @@ import time
 from agent.sim.imds_server import IMDSSimulator
 from tests.daemon_harness import AgentProcess, wait_file
 from tests.engines.ray_cluster import LAUNCHER, PYTHON, start_busy_driver
+from tests.engines.slurm_cluster import agent_config
 
 
 def test_spot_notice_on_the_worker_drains_it_in_ray_with_the_preemption_reason_and_deadline(ray_cluster, tmp_path):
@@ -20,17 +21,7 @@ def test_spot_notice_on_the_worker_drains_it_in_ray_with_the_preemption_reason_a
     sim = IMDSSimulator(port=0).start()
     root = str(tmp_path)
     state_dir = os.path.join(root, "state")
-    config = f"""
-[agent]
-state_dir = "{state_dir}"
-socket = "{root}/agent.sock"
-[imds]
-endpoint = "{sim.url}"
-poll_interval = 0.1
-[metrics]
-enabled = false
-[drain.lifecycle]
-enabled = false
+    config = agent_config(root, sim.url) + f"""
 [slurm]
 enabled = false
 [ray]

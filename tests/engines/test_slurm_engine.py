@@ -14,6 +14,7 @@ import time
 
 from agent.sim.imds_server import IMDSSimulator
 from tests.daemon_harness import AgentProcess, wait_file
+from tests.engines.slurm_cluster import agent_config
 
 JOB = r"""#!/bin/bash
 #SBATCH --nodes=2
@@ -64,22 +65,9 @@ def test_spot_notice_on_one_node_drains_it_signals_the_job_on_both_and_requeues(
 
     sim = IMDSSimulator(port=0).start()
     state_dir = os.path.join(root, "state")
-    config = f"""
-[agent]
-state_dir = "{state_dir}"
-socket = "{root}/agent.sock"
-[imds]
-endpoint = "{sim.url}"
-poll_interval = 0.1
-[aws]
-endpoint_url = "{local_aws.url}"
-region = "us-east-1"
-[metrics]
-enabled = false
+    config = agent_config(root, sim.url, local_aws.url) + f"""
 [drain]
 margin = 5
-[drain.lifecycle]
-enabled = false
 [drain.workload]
 checkpoint_timeout = 30
 [slurm]
@@ -187,20 +175,7 @@ def test_lightning_slurm_auto_requeue_under_the_agent(slurm_fresh, local_aws, aw
     other = "n2" if node == "n1" else "n1"
     sim = IMDSSimulator(port=0).start()
     state_dir = os.path.join(root, "state")
-    config = f"""
-[agent]
-state_dir = "{state_dir}"
-socket = "{root}/agent.sock"
-[imds]
-endpoint = "{sim.url}"
-poll_interval = 0.1
-[aws]
-endpoint_url = "{local_aws.url}"
-region = "us-east-1"
-[metrics]
-enabled = false
-[drain.lifecycle]
-enabled = false
+    config = agent_config(root, sim.url, local_aws.url) + f"""
 [slurm]
 node = "{node}"
 conf = "{slurm.conf}"
