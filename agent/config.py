@@ -163,6 +163,7 @@ class VolumeSection:
     device_name: str = field(default="", metadata={"check": lambda v: None if not v or re.match(r"^/dev/(sd|xvd)[b-z]$", v) else f"must look like /dev/sdf, got {v!r}",
                                                    "doc": "preferred attach name, e.g. /dev/sdf; empty or taken: the first free of /dev/sdf../dev/sdp"})
     attach_timeout: float = field(default=120.0, metadata={"min": 1, "doc": "seconds to wait for the attachment and again for the block device"})
+    pending_snapshot_wait: float = field(default=300.0, metadata={"min": 0, "max": 86400, "doc": "latest_snapshot / snapshot_id: seconds to wait for a newer snapshot still pending (the last drain's) to complete before using the newest completed one; 0: do not wait"})
 
     def sources(self) -> List[str]:
         named = []

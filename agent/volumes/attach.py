@@ -172,6 +172,34 @@ def choose_latest_snapshot(snapshots: List[Dict[str, Any]]) -> Optional[Dict[str
     return max(done, key=lambda s: (s.get("StartTime"), s["SnapshotId"]))
 
 
+def newer_pending_snapshot(snapshots: List[Dict[str, Any]], completed: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The newest *pending* snapshot if it is newer than ``completed``: usually the last drain's, still
+    being copied when the replacement boots. Taking the older completed one instead would silently
+    restore an older checkpoint."""
+    pending = [s for s in snapshots if s.get("State") == "pending"]
+    if not pending:
+        return None
+    newest = max(pending, key=lambda s: (s.get("StartTime"), s["SnapshotId"]))
+    if completed is not None and (newest.get("StartTime"), newest["SnapshotId"]) <= (completed.get("StartTime"), completed["SnapshotId"]):
+        return None
+    return newest
+
+
+def wait_snapshot_completed(ec2: Any, snapshot_id: str, clock: Clock, timeout: float) -> Optional[Dict[str, Any]]:
+    """Wait for ``snapshot_id`` to complete; None when it is still pending after ``timeout`` or failed."""
+    def check() -> Optional[Dict[str, Any]]:
+        snap = describe_snapshot(ec2, snapshot_id)
+        if snap["State"] == "error":
+            raise AttachError(f"snapshot {snapshot_id} failed")
+        return snap if snap["State"] == "completed" else None
+
+    try:
+        return wait_until(check, f"snapshot {snapshot_id} to complete", timeout, clock,
+                          not_found_grace=min(NOT_FOUND_GRACE, timeout))
+    except AttachError:
+        return None
+
+
 # ---- calls --------------------------------------------------------------------------------------
 
 

@@ -264,7 +264,20 @@ class VolumeManager:
             return self._create(vol, result, extra_tags=dict(vol.tags), purpose="persistent", token_source="tags")
         snapshot_id = vol.snapshot_id
         if vol.latest_snapshot:
-            snap = A.choose_latest_snapshot(A.find_snapshots(ec2, vol.latest_snapshot))
+            found = A.find_snapshots(ec2, vol.latest_snapshot)
+            snap = A.choose_latest_snapshot(found)
+            newer = A.newer_pending_snapshot(found, snap)
+            if newer is not None and vol.pending_snapshot_wait > 0:
+                progress(f"volume {vol.name}: the newest snapshot {newer['SnapshotId']} is still pending: "
+                         f"waiting up to {vol.pending_snapshot_wait:g}s for it")
+                done = A.wait_snapshot_completed(ec2, newer["SnapshotId"], self.clock, vol.pending_snapshot_wait)
+                if done is not None:
+                    snap = done
+                else:
+                    older = snap["SnapshotId"] if snap is not None else "none"
+                    progress(f"volume {vol.name}: snapshot {newer['SnapshotId']} did not complete in "
+                             f"{vol.pending_snapshot_wait:g}s: using the newest completed one ({older})")
+                    result.actions.append(f"skipped pending {newer['SnapshotId']}")
             if snap is None:
                 if vol.create is None:
                     raise VolumeError(f"no completed snapshot with tags {_fmt_tags(vol.latest_snapshot)}; "
@@ -275,6 +288,9 @@ class VolumeManager:
             result.actions.append(f"chose {snapshot_id}")
         if snapshot_id:
             snap = A.describe_snapshot(ec2, snapshot_id)
+            if snap.get("State") == "pending" and vol.pending_snapshot_wait > 0:
+                progress(f"volume {vol.name}: snapshot {snapshot_id} is pending: waiting up to {vol.pending_snapshot_wait:g}s")
+                snap = A.wait_snapshot_completed(ec2, snapshot_id, self.clock, vol.pending_snapshot_wait) or snap
             if snap.get("State") != "completed":
                 raise VolumeError(f"snapshot {snapshot_id} is {snap.get('State')}, not completed")
             progress(f"volume {vol.name}: creating a volume from {snapshot_id}")
@@ -338,10 +354,26 @@ class VolumeManager:
         self._save(vol.name, volume_id=vid, created=True, az=az, source=_source_key(vol),
                    snapshot_id=snapshot["SnapshotId"] if snapshot else "")
         volume = A.wait_available(self.clients.ec2, vid, self.clock, vol.attach_timeout)
+        volume = self._with_creation_tags(volume, vol.attach_timeout)
         if not self._claim_pending_create(vol, volume):
             # A from-snapshot volume, or the token's replay returned an older volume: no licence.
             self._save(vol.name, creating=False, create_nonce="")
         return volume
+
+    def _with_creation_tags(self, volume: Dict[str, Any], timeout: float) -> Dict[str, Any]:
+        """EC2 shows a new volume's tags a moment after the volume itself. The licence check reads the
+        creation nonce from those tags, so their absence must be waited out, not read as "an older
+        volume". Every CreateVolume of ours tags SOURCE (a replay's older volume too), so its presence
+        says the tags are visible."""
+        if T.SOURCE in T.as_dict(volume.get("Tags")):
+            return volume
+        vid = volume["VolumeId"]
+
+        def check() -> Optional[Dict[str, Any]]:
+            seen = A.describe_volume(self.clients.ec2, vid)
+            return seen if T.SOURCE in T.as_dict(seen.get("Tags")) else None
+
+        return A.wait_until(check, f"the creation tags of volume {vid} to show", timeout, self.clock)
 
     def _other_az(self, vol: VolumeSection, volume: Dict[str, Any], result: VolumeResult, progress: Progress) -> Dict[str, Any]:
         vid, there, here = volume["VolumeId"], volume.get("AvailabilityZone"), self.identity.availability_zone

@@ -118,9 +118,11 @@ def test_latest_snapshot_picks_the_newest_completed(host, aws):
     # Listed out of order on purpose, and an even newer one that never completed.
     host.sim.set_snapshot(snaps[2], state="pending")
     host.sim.set_snapshot(snaps[0], start_time=base - dt.timedelta(days=1))
-    [res] = host.manager([volume("restored", host.mnt("restored"), fs="xfs", latest_snapshot={"Name": "ckpt-run-42"})],
+    [res] = host.manager([volume("restored", host.mnt("restored"), fs="xfs", latest_snapshot={"Name": "ckpt-run-42"},
+                                 pending_snapshot_wait=1)],
                          state_name="s2.json").up()
     assert res.ok, res.error
+    assert f"skipped pending {snaps[2]}" in res.actions
     assert f"chose {snaps[1]}" in res.actions and "formatted" not in res.actions
     assert _all_volumes(host)[res.volume_id]["SnapshotId"] == snaps[1]
     assert _read(os.path.join(host.mnt("restored"), "which")) == "newest-completed"
@@ -268,3 +270,37 @@ def test_a_changed_source_is_not_satisfied_by_the_old_volume(host, aws):
     [two] = host.manager([volume("r", r, fs="ext4", snapshot_id=snaps[1])]).up()  # same state file
     assert two.ok, two.error
     assert two.volume_id != one.volume_id and _read(os.path.join(r, "which")) == "second"
+
+
+def test_latest_snapshot_waits_for_a_newer_pending_one(host, aws):
+    """The replacement boots while the last drain's snapshot is still pending (usual on AWS): it waits
+    for it instead of silently restoring the older completed one (found by the demo on the strict AWS)."""
+    import threading
+
+    az = host.identity.availability_zone
+    src = aws.ec2.create_volume(AvailabilityZone=az, Size=1)["VolumeId"]
+    mnt = host.mnt("src")
+    assert host.manager([volume("src", mnt, fs="xfs", volume_id=src, format_existing="if-never-written")]).up()[0].ok
+    base = dt.datetime(2024, 5, 1, tzinfo=dt.timezone.utc)
+    snaps = []
+    for i, label in enumerate(["completed", "the-drains"]):
+        _write(os.path.join(mnt, "which"), label)
+        subprocess.run(["fsfreeze", "--freeze", mnt], check=True)
+        try:
+            sid = aws.ec2.create_snapshot(VolumeId=src, TagSpecifications=[{"ResourceType": "snapshot", "Tags": [
+                {"Key": "Name", "Value": "ckpt-run-43"}]}])["SnapshotId"]
+        finally:
+            subprocess.run(["fsfreeze", "--unfreeze", mnt], check=True)
+        host.sim.set_snapshot(sid, start_time=base + dt.timedelta(hours=i))
+        snaps.append(sid)
+    host.sim.set_snapshot(snaps[1], state="pending")
+    later = threading.Timer(1.5, lambda: host.sim.set_snapshot(snaps[1], state="completed"))
+    later.start()
+    try:
+        [res] = host.manager([volume("restored", host.mnt("restored"), fs="xfs", latest_snapshot={"Name": "ckpt-run-43"})],
+                             state_name="s3.json").up()
+    finally:
+        later.cancel()
+    assert res.ok, res.error
+    assert f"chose {snaps[1]}" in res.actions
+    assert _read(os.path.join(host.mnt("restored"), "which")) == "the-drains"
