@@ -35,6 +35,27 @@ def _read(path):
     with open(path) as fh:
         return fh.read()
 
+def _labelled_snapshots(host, aws, labels, name):
+    """A source volume, then one frozen snapshot per label (the label written to its `which` file),
+    each tagged Name=``name`` and started an hour after the previous. Returns (ids, base time)."""
+    src = aws.ec2.create_volume(AvailabilityZone=host.identity.availability_zone, Size=1)["VolumeId"]
+    mnt = host.mnt("src")
+    assert host.manager([volume("src", mnt, fs="xfs", volume_id=src, format_existing="if-never-written")]).up()[0].ok
+    base = dt.datetime(2024, 5, 1, tzinfo=dt.timezone.utc)
+    snaps = []
+    for i, label in enumerate(labels):
+        _write(os.path.join(mnt, "which"), label)
+        subprocess.run(["fsfreeze", "--freeze", mnt], check=True)
+        try:
+            sid = aws.ec2.create_snapshot(VolumeId=src, TagSpecifications=[{"ResourceType": "snapshot", "Tags": [
+                {"Key": "Name", "Value": name}]}])["SnapshotId"]
+        finally:
+            subprocess.run(["fsfreeze", "--unfreeze", mnt], check=True)
+        host.sim.set_snapshot(sid, start_time=base + dt.timedelta(hours=i))
+        snaps.append(sid)
+    return snaps, base
+
+
 
 def test_restart_attaches_nothing_new_and_creates_nothing_new(host):
     cfg = [volume("scratch", host.mnt("scratch"), fs="xfs", create={"size_gib": 1}),
@@ -98,23 +119,7 @@ def test_tags_that_match_nothing_fail_clearly_without_create(host, aws):
 
 
 def test_latest_snapshot_picks_the_newest_completed(host, aws):
-    az = host.identity.availability_zone
-    src = aws.ec2.create_volume(AvailabilityZone=az, Size=1)["VolumeId"]
-    mnt = host.mnt("src")
-    mgr = host.manager([volume("src", mnt, fs="xfs", volume_id=src, format_existing="if-never-written")])
-    assert mgr.up()[0].ok
-    snaps = []
-    base = dt.datetime(2024, 5, 1, tzinfo=dt.timezone.utc)
-    for i, label in enumerate(["old", "newest-completed", "pending"]):
-        _write(os.path.join(mnt, "which"), label)
-        subprocess.run(["fsfreeze", "--freeze", mnt], check=True)
-        try:
-            sid = aws.ec2.create_snapshot(VolumeId=src, TagSpecifications=[{"ResourceType": "snapshot", "Tags": [
-                {"Key": "Name", "Value": "ckpt-run-42"}]}])["SnapshotId"]
-        finally:
-            subprocess.run(["fsfreeze", "--unfreeze", mnt], check=True)
-        host.sim.set_snapshot(sid, start_time=base + dt.timedelta(hours=i))
-        snaps.append(sid)
+    snaps, base = _labelled_snapshots(host, aws, ["old", "newest-completed", "pending"], "ckpt-run-42")
     # Listed out of order on purpose, and an even newer one that never completed.
     host.sim.set_snapshot(snaps[2], state="pending")
     host.sim.set_snapshot(snaps[0], start_time=base - dt.timedelta(days=1))
@@ -277,22 +282,7 @@ def test_latest_snapshot_waits_for_a_newer_pending_one(host, aws):
     for it instead of silently restoring the older completed one (found by the demo on the strict AWS)."""
     import threading
 
-    az = host.identity.availability_zone
-    src = aws.ec2.create_volume(AvailabilityZone=az, Size=1)["VolumeId"]
-    mnt = host.mnt("src")
-    assert host.manager([volume("src", mnt, fs="xfs", volume_id=src, format_existing="if-never-written")]).up()[0].ok
-    base = dt.datetime(2024, 5, 1, tzinfo=dt.timezone.utc)
-    snaps = []
-    for i, label in enumerate(["completed", "the-drains"]):
-        _write(os.path.join(mnt, "which"), label)
-        subprocess.run(["fsfreeze", "--freeze", mnt], check=True)
-        try:
-            sid = aws.ec2.create_snapshot(VolumeId=src, TagSpecifications=[{"ResourceType": "snapshot", "Tags": [
-                {"Key": "Name", "Value": "ckpt-run-43"}]}])["SnapshotId"]
-        finally:
-            subprocess.run(["fsfreeze", "--unfreeze", mnt], check=True)
-        host.sim.set_snapshot(sid, start_time=base + dt.timedelta(hours=i))
-        snaps.append(sid)
+    snaps, _ = _labelled_snapshots(host, aws, ["completed", "the-drains"], "ckpt-run-43")
     host.sim.set_snapshot(snaps[1], state="pending")
     later = threading.Timer(1.5, lambda: host.sim.set_snapshot(snaps[1], state="completed"))
     later.start()
