@@ -366,7 +366,7 @@ class LocalAWS:
 
 
 def add_mode_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--strict", action="store_true", help="the strict model in front of moto (README: Local AWS)")
+    parser.add_argument("--strict", action="store_true", help="the strict model in front of moto (docs/simulators.md: Local AWS)")
     parser.add_argument("--fast", action="store_true", help="strict, on the demo's shorter time scale")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a strict setting, e.g. attach_seconds=5 or ec2_describe_bucket=10/2 or CreateSnapshot=5/1")

@@ -14,7 +14,7 @@ time on top, so it can be reasoned about (and tested) alone. Time comes from an 
 :mod:`agent.sim.localaws` plugs it in front of moto's server as a WSGI middleware.
 
 Users rehearse against it, so every knob is in :class:`StrictSettings` with a realistic default
-(README, "Local AWS").
+(docs/simulators.md, "Local AWS").
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 validator, the keys we rely on, and the embedded agent config through `check-config`), the Packer
 template (parsed with python-hcl2), the EC2 Image Builder component (YAML, against the documented
 document structure) and the IAM policy (every mutating statement tag-limited, each one explained in
-the README). Versions written into them must follow agent.__version__.
+docs/install.md). Versions written into them must follow agent.__version__.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from agent import __version__
+from tests import docs
 from tests.system.conftest import REPO, run
 
 PKG = REPO / "packaging"
@@ -27,8 +28,7 @@ CLOUD_CONFIG_KEYS = {"write_files", "packages", "runcmd", "package_update", "pac
 
 
 def install_section() -> str:
-    readme = (REPO / "README.md").read_text()
-    return readme.split("<!-- BEGIN install -->", 1)[1].split("<!-- END install -->", 1)[0]
+    return docs.install()
 
 
 def unquote(value: Any) -> Any:
@@ -167,7 +167,7 @@ def test_iam_statements_are_unique_and_explained():
     assert len(sids) == len(set(sids))
     section = install_section()
     for sid in sids:
-        assert f"`{sid}`" in section, f"README install section does not explain {sid}"
+        assert f"`{sid}`" in section, f"docs/install.md does not explain {sid}"
 
 
 def test_iam_mutations_are_limited_to_managed_resources():

@@ -1,5 +1,5 @@
 """Static checks of the shipped units: systemd's own verifier, the directives the issue asks for,
-no private mount namespace, and the `systemd-analyze security` score the README records.
+no private mount namespace, and the `systemd-analyze security` score docs/install.md records.
 
 systemd-analyze verify insists that ExecStart's binary exists. The units name the packaged paths
 (/usr/bin/spot-agent, /usr/libexec/spot-agent/drain-before-stop), so the test runs the verifier in a
@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
+
+from tests import docs
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = [ROOT / "systemd" / "spot-agent.service", ROOT / "systemd" / "spot-agent-drain.service", ROOT / "examples" / "workload.service"]
@@ -131,10 +133,9 @@ def test_agent_unit_thaws_after_it_stops():
     assert svc["ExecStopPost"] == ["/usr/bin/spot-agent thaw --config /etc/spot-agent/agent.toml"]
 
 
-def test_readme_records_the_security_score():
+def test_docs_record_the_security_score():
     res = run_with_usr_overlay(["systemd-analyze", "security", "--offline=yes", "--no-pager", str(UNITS[0])])
     m = re.search(r"Overall exposure level for spot-agent\.service: ([0-9.]+) (\w+)", res.stdout)
     assert m, res.stdout + res.stderr
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("<!-- BEGIN install -->", 1)[1].split("<!-- END install -->", 1)[0]
-    assert f"{m.group(1)} {m.group(2)}" in section, f"README install section should record {m.group(1)} {m.group(2)}"
+    section = docs.install()
+    assert f"{m.group(1)} {m.group(2)}" in section, f"docs/install.md should record {m.group(1)} {m.group(2)}"

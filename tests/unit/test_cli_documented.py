@@ -1,11 +1,11 @@
-"""Every subcommand and every long option of the CLI appears in the README."""
+"""Every subcommand and every long option of the CLI appears in the docs (README.md or docs/)."""
 
 import argparse
-import os
 
 from agent.cli import build_parser
+from tests import docs
 
-README = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")).read()
+DOCS = docs.all_text()
 
 
 def walk(parser, prefix=""):
@@ -21,12 +21,12 @@ def walk(parser, prefix=""):
         yield prefix, None
 
 
-def test_every_command_and_option_is_in_the_readme():
+def test_every_command_and_option_is_in_the_docs():
     missing = []
     for command, opt in walk(build_parser()):
         if opt is None:
-            if f"spot-agent {command}" not in README:
+            if f"spot-agent {command}" not in DOCS:
                 missing.append(f"spot-agent {command}")
-        elif opt not in README:
+        elif opt not in DOCS:
             missing.append(f"spot-agent {command} {opt}")
     assert missing == []

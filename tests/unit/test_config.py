@@ -99,9 +99,11 @@ def test_examples_are_valid(path):
         parse(fh.read(), path)
 
 
-def test_every_key_is_in_the_readme():
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")).read()
+def test_every_key_is_in_the_configuration_reference():
     from agent.schema import documented_keys
+    from tests import docs
+
+    readme = docs.configuration()
 
     missing = []
     for key, type_, _default, _doc in documented_keys(cfgmod.Config):

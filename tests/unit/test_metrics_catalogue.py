@@ -1,7 +1,7 @@
-"""The metric catalogue against Prometheus naming rules, the README, the dashboard and the alert rules.
+"""The metric catalogue against Prometheus naming rules, the docs (docs/metrics.md), the dashboard and the alert rules.
 
 Pure file and registry checks: a metric renamed in agent/metrics.py without updating the rules, the
-dashboard or the README fails here, not at 3 a.m. when an alert silently never fires.
+dashboard or the docs fails here, not at 3 a.m. when an alert silently never fires.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from agent import metrics
+from tests import docs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROM_DIR = os.path.join(ROOT, "packaging", "prometheus")
@@ -49,10 +50,8 @@ def documented_name(name: str, mtype: str) -> str:
 
 
 def readme_section() -> str:
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
-        text = fh.read()
-    start, end = text.index("<!-- BEGIN metrics -->"), text.index("<!-- END metrics -->")
-    return text[start:end]
+    """The metrics page of the docs, whose reference table the tests below read."""
+    return docs.metrics_reference()
 
 
 def rule_exprs() -> Iterator[Tuple[str, str]]:
@@ -121,7 +120,7 @@ def test_known_label_values_start_at_zero_so_a_first_increase_is_visible() -> No
         assert metrics.REGISTRY.get_sample_value("spot_agent_drains_total", {"result": result}) is not None
 
 
-def test_readme_documents_every_metric_with_its_type() -> None:
+def test_docs_document_every_metric_with_its_type() -> None:
     section = readme_section()
     rows = {}
     for line in section.splitlines():
@@ -134,11 +133,11 @@ def test_readme_documents_every_metric_with_its_type() -> None:
         if doc_name not in rows:
             missing.append(doc_name)
         else:
-            assert rows[doc_name] == mtype, f"README says {doc_name} is a {rows[doc_name]}, it is a {mtype}"
-    assert not missing, f"README metrics reference lacks: {missing}"
+            assert rows[doc_name] == mtype, f"docs/metrics.md says {doc_name} is a {rows[doc_name]}, it is a {mtype}"
+    assert not missing, f"docs/metrics.md metrics reference lacks: {missing}"
     exported = {documented_name(n, t) for n, t, _ in families()}
     stale = sorted(set(rows) - exported)
-    assert not stale, f"README documents metrics the agent does not export: {stale}"
+    assert not stale, f"docs/metrics.md documents metrics the agent does not export: {stale}"
 
 
 def used_names(exprs: Iterator[Tuple[str, str]]) -> Dict[str, str]:
@@ -208,7 +207,7 @@ def test_dashboard_has_the_panels_operators_need() -> None:
                 cells.add((x, y))
 
 
-def test_readme_lists_each_metrics_labels() -> None:
+def test_docs_list_each_metrics_labels() -> None:
     from prometheus_client.metrics import MetricWrapperBase
 
     rows = {}
@@ -223,6 +222,6 @@ def test_readme_lists_each_metrics_labels() -> None:
             labels = set(obj._labelnames)  # noqa: SLF001
             if obj._type == "info":  # noqa: SLF001 - an Info's labels are its keys
                 labels = {"version", "python"}
-            assert rows.get(name) == labels, f"README labels of {name}: {rows.get(name)}, the metric has {labels}"
+            assert rows.get(name) == labels, f"docs/metrics.md labels of {name}: {rows.get(name)}, the metric has {labels}"
             checked += 1
     assert checked > 30

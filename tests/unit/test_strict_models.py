@@ -1,6 +1,6 @@
 """The strict local AWS's models alone: a fake clock, a backend of plain dicts, no moto, no HTTP.
 
-These are the rules users rehearse against (README, "Local AWS"), so each one has a test here.
+These are the rules users rehearse against (docs/simulators.md, "Local AWS"), so each one has a test here.
 """
 
 from __future__ import annotations
