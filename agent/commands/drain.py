@@ -157,7 +157,7 @@ def _shutdown(cfg) -> int:
 
 
 def _dry_run(cfg, event, now: float, as_json: bool) -> int:
-    from agent.drain.budget import build_plan
+    from agent.drain.planner import build_plan
 
     plan = build_plan(event, cfg, now, _shutdown_budget(cfg))
     if as_json:
@@ -172,7 +172,7 @@ def _dry_run(cfg, event, now: float, as_json: bool) -> int:
 
 
 def _shutdown_budget(cfg) -> float:
-    from agent.drain.budget import DEFAULT_SHUTDOWN_BUDGET, parse_timeout_stop
+    from agent.drain.planner import DEFAULT_SHUTDOWN_BUDGET, parse_timeout_stop
     from agent.runner import Runner
 
     if cfg.drain.shutdown_budget > 0:

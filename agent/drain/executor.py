@@ -25,11 +25,11 @@ from agent.clock import Clock
 from agent.config import Config
 from agent.drain import lifecycle as lc
 from agent.drain import snapshots as snaps
-from agent.drain.budget import (DEFAULT_SHUTDOWN_BUDGET, build_plan, parse_timeout_stop, snapshot_volume_names,
+from agent.drain.planner import (DEFAULT_SHUTDOWN_BUDGET, build_plan, parse_timeout_stop, snapshot_volume_names,
                                 wait_conditions)
 from agent.drain.crashpoint import crash_point
 from agent.drain.freeze import boot_id, frozen_call, thaw_leftovers  # noqa: F401 - thaw_leftovers re-exported
-from agent.drain.plan import (LIFECYCLE, NOTIFY, PERSIST_STEPS, RETENTION, RETENTION_MIN, SNAPSHOT, UPLOAD, WAIT,
+from agent.drain.model import (LIFECYCLE, NOTIFY, PERSIST_STEPS, RETENTION, RETENTION_MIN, SNAPSHOT, UPLOAD, WAIT,
                               DrainReport, Plan, StepReport)
 from agent.drain.workload import Workload
 from agent.events import MESSAGE_IDS, Event

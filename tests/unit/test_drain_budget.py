@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from agent.config import parse
-from agent.drain.budget import build_plan, parse_timeout_stop, wait_conditions
-from agent.drain.plan import DrainReport, Plan, StepReport
+from agent.drain.planner import build_plan, parse_timeout_stop, wait_conditions
+from agent.drain.model import DrainReport, Plan, StepReport
 from agent.events import Event
 
 NOW = 1_800_000_000.0
@@ -209,7 +209,7 @@ def test_examples_have_sensible_plans():
     import glob
     import os
 
-    from agent.drain.budget import snapshot_volume_names
+    from agent.drain.planner import snapshot_volume_names
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     files = sorted(glob.glob(os.path.join(root, "examples", "*.toml")))

@@ -11,7 +11,7 @@ from typing import List
 import pytest
 
 from agent.config import SlurmSection, parse
-from agent.drain.budget import build_plan
+from agent.drain.planner import build_plan
 from agent.events import Event
 from agent.runner import Result
 from agent.schedulers import REBALANCE_REASON, Schedulers

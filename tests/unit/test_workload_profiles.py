@@ -9,7 +9,7 @@ import pytest
 
 from agent.config import parse
 from agent.drain import profiles
-from agent.drain.budget import build_plan, notify_targets, wait_conditions
+from agent.drain.planner import build_plan, notify_targets, wait_conditions
 from agent.drain.jobchannel import notice_document, parse_ack
 from agent.events import Event
 

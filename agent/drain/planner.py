@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from agent.config import Config, DrainSection
 from agent.drain import profiles
-from agent.drain.plan import (LIFECYCLE, NOTIFY, NOTIFY_MIN, REQUEUE, RETENTION, SCHEDULER, SNAPSHOT, UPLOAD, WAIT, Plan,
+from agent.drain.model import (LIFECYCLE, NOTIFY, NOTIFY_MIN, REQUEUE, RETENTION, SCHEDULER, SNAPSHOT, UPLOAD, WAIT, Plan,
                               Step)
 from agent.events import REBALANCE, Event
 

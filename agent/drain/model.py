@@ -1,4 +1,4 @@
-"""The drain plan and its report: plain data, so the planner stays pure and the report can be persisted.
+"""The drain's data: the plan and its report, plain so the planner stays pure and the report persists.
 
 A plan is fixed when the notice arrives (for ``--dry-run`` and the journal), but the executor asks the
 plan for each step's budget again when the step starts (:meth:`Plan.budget_at`): time an early step did
