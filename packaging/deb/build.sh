@@ -17,7 +17,7 @@ src="$out/spot-agent-$version"
 rm -rf "$src"
 mkdir -p "$src"
 # Only what the package needs: a stale .venv or build/ in the checkout must not leak in.
-cp -a "$top/agent" "$top/systemd" "$top/examples" "$top/pyproject.toml" "$top/README.md" "$src/"
+cp -a "$top/agent" "$top/systemd" "$top/examples" "$top/pyproject.toml" "$top/README.md" "$top/docs" "$src/"
 mkdir -p "$src/packaging/deb"
 cp -a "$here/agent.toml" "$src/packaging/deb/"
 cp -a "$here/debian" "$src/debian"

@@ -13,7 +13,7 @@ rm -rf "$out/rpmbuild" "$out/stage"
 mkdir -p "$out"/rpmbuild/{SOURCES,SPECS,BUILD,RPMS,SRPMS} "$out/stage"
 src="$out/stage/spot-agent-$version"
 mkdir -p "$src"
-cp -a "$top/agent" "$top/systemd" "$top/examples" "$top/README.md" "$src/"
+cp -a "$top/agent" "$top/systemd" "$top/examples" "$top/README.md" "$top/docs" "$src/"
 cp -a "$top/packaging/deb/agent.toml" "$here/spot-agent.wrapper" "$src/"
 printf 'spot-agent is licensed under the Apache License 2.0.\n' > "$src/LICENSE.spot-agent"
 find "$src" -name __pycache__ -prune -exec rm -rf {} +

@@ -29,6 +29,7 @@ def test_package_metadata_and_contents(deb: Deb):
                  "./usr/libexec/spot-agent/drain-before-stop", "./etc/spot-agent/agent.toml",
                  "./var/lib/spot-agent/", "./opt/spot-agent/bin/spot-agent", "./usr/bin/spot-agent -> /opt/spot-agent/bin/spot-agent",
                  "./usr/share/spot-agent/examples/workload.service", "./usr/share/spot-agent/examples/workload.py", "./usr/share/doc/spot-agent/README.md",
+                 "./usr/share/doc/spot-agent/docs/configuration.md",
                  "site-packages/agent/cli.py", "site-packages/boto3/", "site-packages/psutil/", "site-packages/prometheus_client/"]:
         assert path in listing, f"{path} missing from the .deb"
     assert "site-packages/pip/" not in listing and "bin/activate" not in listing

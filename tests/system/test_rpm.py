@@ -35,6 +35,7 @@ def test_rpm_contents(rpm_file: Path):
     for path in ["/usr/bin/spot-agent", "/usr/lib/systemd/system/spot-agent.service",
                  "/usr/lib/systemd/system/spot-agent-drain.service", "/usr/libexec/spot-agent/drain-before-stop",
                  "/etc/spot-agent/agent.toml", "/var/lib/spot-agent", "/usr/share/doc/spot-agent/README.md",
+                 "/usr/share/doc/spot-agent/docs/configuration.md",
                  "/usr/share/spot-agent/examples/workload.service", "/opt/spot-agent/lib/agent/cli.py",
                  "/opt/spot-agent/lib/boto3/__init__.py", "/opt/spot-agent/lib/tomli/__init__.py",
                  "/opt/spot-agent/lib/prometheus_client/__init__.py"]:
