@@ -9,7 +9,8 @@ a page means changing this file, not every test.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List
+import re
+from typing import Dict, List
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -47,3 +48,25 @@ def metrics_reference() -> str:
 def install() -> str:
     """Install and operations: packaging, the units, the IAM policy."""
     return page("install.md")
+
+
+def config_defaults() -> Dict[str, str]:
+    """Each key's default cell in docs/configuration.md's tables, by full key path (``volumes.create.type``).
+
+    A table's rows belong to the section heading above it (``## `[drain.workload]` ``, or
+    ``### `gang` (in `[[checkpoints]]`)``); a row may spell its full path (``volumes.mount``) or only the leaf.
+    """
+    rows: Dict[str, str] = {}
+    section = ""
+    for line in configuration().splitlines():
+        heading = re.match(r"^#{2,6} `\[*([A-Za-z0-9_.]+)\]*`(?: \(in `\[*([A-Za-z0-9_.]+)\]*`\))?", line)
+        if heading:
+            name, parent = heading.group(1), heading.group(2)
+            section = f"{parent}.{name}" if parent else name
+            continue
+        row = re.match(r"^\|\s*`([A-Za-z0-9_.]+)`\s*\|([^|]*)\|", line)
+        if row and section:
+            key = row.group(1)
+            full = key if key.split(".")[0] == section.split(".")[0] and "." in key else f"{section}.{key}"
+            rows.setdefault(full, row.group(2).strip())
+    return rows

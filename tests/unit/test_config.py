@@ -116,3 +116,48 @@ def test_every_key_is_in_the_configuration_reference():
         if f"`{key}`" not in readme and f"`{key.replace('[]', '')}`" not in readme and f"`{leaf}`" not in readme:
             missing.append(key)
     assert missing == []
+
+
+def _default_cells(default) -> set:
+    """The ways docs/configuration.md may write a default: `true`, `1.0` or `1`, `"gp3"` or `gp3`, `[]`."""
+    import dataclasses
+    import json
+
+    if default is dataclasses.MISSING:
+        return {"required", "(required)"}
+    if isinstance(default, bool):
+        return {f"`{str(default).lower()}`"}
+    if isinstance(default, (int, float)):
+        out = {f"`{default}`", f"`{float(default)}`"}
+        if float(default).is_integer():
+            out.add(f"`{int(default)}`")
+        return out
+    if isinstance(default, str):
+        return {f'`"{default}"`', f"`{default}`"} if default else {'`""`'}
+    if isinstance(default, (list, tuple)):
+        return {"`" + json.dumps(list(default)) + "`", "`" + json.dumps(list(default)).replace(", ", ",") + "`"}
+    if isinstance(default, dict):
+        return {"`" + json.dumps(default) + "`"} if default else {"`{}`"}
+    return {f"`{default}`"}
+
+
+def test_every_key_has_its_default_in_the_configuration_reference():
+    """A row per key in docs/configuration.md, whose default cell says what the code's default is."""
+    from agent.schema import documented_keys
+    from tests import docs
+
+    rows = docs.config_defaults()
+    wrong = []
+    for key, type_, default, _doc in documented_keys(cfgmod.Config):
+        if type_ in ("table", "array of tables"):
+            continue
+        path = key.replace("[]", "")
+        cell = rows.get(path)
+        if cell is None:
+            wrong.append(f"{path}: no table row")
+            continue
+        # A cell may explain itself after the value: `8388608` (8 MiB), `[]` (everything).
+        value = cell if cell.startswith("(") else cell.split(" (", 1)[0].strip()
+        if value not in _default_cells(default) and cell not in _default_cells(default):
+            wrong.append(f"{path}: docs say {cell!r}, the code's default is {default!r}")
+    assert wrong == []
