@@ -15,6 +15,7 @@ manifest references (never anything else under the prefix).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ import stat as statmod
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple, Union
 
 from botocore.exceptions import ClientError
 
@@ -41,7 +42,7 @@ from agent.transfer.download import Downloader, FileOutcome
 from agent.transfer.fastget import FastGetter
 from agent.transfer.keys import TEMP_PREFIX, key_to_relpath, split_s3_url
 from agent.transfer.planner import Download
-from agent.transfer.scheduler import BoundedExecutor
+from agent.transfer.scheduler import TaskLoop
 from agent.transfer.upload import LocalFile, UploadOutcome, Uploader
 
 log = logging.getLogger(__name__)
@@ -198,6 +199,87 @@ def scan(root: str, root_fd: Optional[int] = None, refused: Optional[List[str]] 
         if own:
             os.close(fd)
     return out
+
+
+STOPPED = "stopped: the drain's upload took over; nothing committed"
+
+
+@dataclass
+class _Selection:
+    """What one upload commits: the files to send and the entries carried over unchanged."""
+
+    todo: List[LocalFile] = field(default_factory=list)
+    entries: Dict[str, dict] = field(default_factory=dict)  # path -> manifest entry
+    incomplete: List[str] = field(default_factory=list)
+    refused: List[str] = field(default_factory=list)
+
+
+class _Send:
+    """The bookkeeping of one upload's transfer phase, on the coordinating thread: the entries of the
+    files that arrived, the files that changed while read, the errors, and the deadline rule."""
+
+    def __init__(self, store: "CheckpointStore", res: CommitResult, entries: Dict[str, dict], need: int, rate: float,
+                 deadline: Optional[float], stop: threading.Event) -> None:
+        self.store = store
+        self.res = res
+        self.entries = entries
+        self.need = need
+        self.rate = rate  # the last upload's measured rate (bytes/s), 0 when none was measured yet
+        self.deadline = deadline
+        self.stop = stop
+        self.errors: List[str] = []
+        self.changed: List[str] = []
+        self.t_start = time.monotonic()
+        self._done = 0
+        self._lock = threading.Lock()
+
+    @property
+    def done(self) -> int:
+        with self._lock:
+            return self._done
+
+    def on_bytes(self, n: int) -> None:  # from the workers
+        with self._lock:
+            self._done += n
+
+    def handle(self, out: Any) -> None:
+        if isinstance(out, BaseException):
+            self.errors.append(f"internal error: {out}")
+        elif isinstance(out, UploadOutcome):
+            if out.ok:
+                f = out.file
+                self.entries[f.path] = {"path": f.path, "size": f.size, "key": out.key[len(self.store.prefix):],
+                                        "checksum": {"algorithm": self.store.transfer.checksum, "part_size": out.part_size, "parts": out.parts},
+                                        "mtime_ns": f.mtime_ns, "ctime_ns": f.ctime_ns, "ino": f.ino, **owner_fields(f)}
+                self.res.uploaded += 1
+            elif out.changed and not self.stop.is_set():
+                self.changed.append(out.file.path)  # busy (a log being appended): left out, the rest commits
+            elif not self.stop.is_set():
+                self.errors.append(out.error)
+
+    def halted(self) -> bool:
+        return self.stop.is_set() or bool(self.errors)
+
+    def tick(self) -> None:
+        """Stop when stopped from outside, or when what is left cannot arrive before the deadline."""
+        if self.stop.is_set():
+            if not self.errors:
+                self.errors.append(STOPPED)
+            return
+        if self.deadline is None:
+            return
+        done = self.done
+        remaining = self.need - done
+        elapsed = time.monotonic() - self.t_start
+        # A rate measured on a few bytes (a small file that happened to finish first) says
+        # nothing: measure only once a part's worth has arrived.
+        measured = elapsed > 0.5 and done >= min(self.need, self.store.transfer.part_size)
+        r = done / elapsed if measured else self.rate
+        left = self.deadline - time.time() - MANIFEST_RESERVE
+        if left <= 0 or (r > 0 and remaining / r > left):
+            if not self.errors:
+                self.errors.append(f"deadline: stopped with {remaining} bytes not uploaded; nothing committed")
+            self.stop.set()
 
 
 class CheckpointStore:
@@ -366,7 +448,34 @@ class CheckpointStore:
 
     def _upload_from(self, root_fd: int, deadline: Optional[float], reason: str, settled: bool, stop: threading.Event,
                      cleanup: List[Callable[[], None]]) -> CommitResult:
+        """Select what to send, send it, then commit: the three phases of one upload."""
         now = time.time()
+        sel = self._select(root_fd, settled, now)
+        if isinstance(sel, CommitResult):
+            return sel
+        cid = new_checkpoint_id(now)
+        res = CommitResult(False, cid, incomplete=sel.incomplete, reused=len(sel.entries), refused=sel.refused)
+        need = sum(f.size for f in sel.todo)
+        rate = float(self.state.get("upload", {}).get("rate", 0.0))
+        if deadline is not None and rate > 0 and time.time() + need / rate + MANIFEST_RESERVE > deadline:
+            res.error = f"deadline: {need} bytes to upload need ~{need / rate:.1f}s at {rate / 1e6:.1f} MB/s, {deadline - time.time():.1f}s left"
+            return res
+        send = _Send(self, res, sel.entries, need, rate, deadline, stop)
+        up = Uploader(self.s3, self.bucket, self.transfer.checksum, self.transfer.part_size, self.transfer.multipart_threshold,
+                      Limiter(self.transfer.max_bandwidth, stop=stop), stop=stop, on_bytes=send.on_bytes, root_fd=root_fd)
+        self._send(up, send, cid, sel.todo, cleanup)
+        res.bytes = send.done
+        if send.errors:
+            res.error = send.errors[0] if len(send.errors) == 1 else f"{send.errors[0]} (and {len(send.errors) - 1} more)"
+            return res
+        elapsed = time.monotonic() - send.t_start
+        if send.done >= 8 * 1024 * 1024 and elapsed > 0:
+            self.state.update("upload", rate=send.done / elapsed)
+        return self._seal(up, res, sel.entries, send.changed, sel.incomplete, now, reason, stop)
+
+    def _select(self, root_fd: int, settled: bool, now: float) -> Union["_Selection", CommitResult]:
+        """What this upload commits: complete files, split into those to send and those the previous
+        manifest already holds unchanged (carried over as its entries); a CommitResult when nothing can."""
         refused: List[str] = []
         try:
             listed = scan(self.ck.dir, root_fd, refused)
@@ -384,118 +493,52 @@ class CheckpointStore:
         except Exception as exc:  # noqa: BLE001 - a listing failure means we cannot commit safely either
             return CommitResult(False, error=f"cannot list {self.ck.s3}: {exc}")
         prev = {e["path"]: e for e in (previous or {}).get("files", [])}
-        cid = new_checkpoint_id(now)
-        entries: Dict[str, dict] = {}
-        todo: List[LocalFile] = []
+        sel = _Selection(incomplete=incomplete, refused=refused)
         for f in files:
             old = prev.get(f.path)
             if old and (old["size"], old["mtime_ns"], old["ctime_ns"], old["ino"]) == (f.size, f.mtime_ns, f.ctime_ns, f.ino) \
                     and old["checksum"]["algorithm"] == self.transfer.checksum:
-                entries[f.path] = dict(old, **owner_fields(f))  # an older manifest may lack them
+                sel.entries[f.path] = dict(old, **owner_fields(f))  # an older manifest may lack them
             else:
-                todo.append(f)
-        res = CommitResult(False, cid, incomplete=incomplete, reused=len(entries), refused=refused)
-        need = sum(f.size for f in todo)
-        rate = float(self.state.get("upload", {}).get("rate", 0.0))
-        if deadline is not None and rate > 0 and time.time() + need / rate + MANIFEST_RESERVE > deadline:
-            res.error = f"deadline: {need} bytes to upload need ~{need / rate:.1f}s at {rate / 1e6:.1f} MB/s, {deadline - time.time():.1f}s left"
-            return res
+                sel.todo.append(f)
+        return sel
 
-        done = [0]
-        lock = threading.Lock()
+    def _send(self, up: Uploader, send: "_Send", cid: str, todo: List[LocalFile], cleanup: List[Callable[[], None]]) -> None:
+        """Upload ``todo`` on the bounded pool; each part is one task. A preempted upload leaves its
+        parts in flight to ``cleanup`` (run after the store is released), anything else waits for them."""
+        loop = TaskLoop(self.transfer.concurrency, self.transfer.concurrency * 2, "checkpoint", send.handle,
+                        tick=send.tick, halted=send.halted)
 
-        def on_bytes(n: int) -> None:
-            with lock:
-                done[0] += n
-
-        up = Uploader(self.s3, self.bucket, self.transfer.checksum, self.transfer.part_size, self.transfer.multipart_threshold,
-                      Limiter(self.transfer.max_bandwidth, stop=stop), stop=stop, on_bytes=on_bytes, root_fd=root_fd)
-        pool = BoundedExecutor(self.transfer.concurrency, self.transfer.concurrency * 2, "checkpoint")
-        errors: List[str] = []
-        changed: List[str] = []
-        t_start = time.monotonic()
-        stopped = "stopped: the drain's upload took over; nothing committed"
-
-        def handle(out: Any) -> None:
-            if isinstance(out, BaseException):
-                errors.append(f"internal error: {out}")
-            elif isinstance(out, UploadOutcome):
-                if out.ok:
-                    f = out.file
-                    entries[f.path] = {"path": f.path, "size": f.size, "key": out.key[len(self.prefix):],
-                                       "checksum": {"algorithm": self.transfer.checksum, "part_size": out.part_size, "parts": out.parts},
-                                       "mtime_ns": f.mtime_ns, "ctime_ns": f.ctime_ns, "ino": f.ino, **owner_fields(f)}
-                    res.uploaded += 1
-                elif out.changed and not stop.is_set():
-                    changed.append(out.file.path)  # busy (a log being appended): left out, the rest commits
-                elif not stop.is_set():
-                    errors.append(out.error)
-
-        def too_late(remaining: int) -> bool:
-            if stop.is_set():
-                if not errors:
-                    errors.append(stopped)
-                return True
-            if deadline is None:
-                return False
-            elapsed = time.monotonic() - t_start
-            # A rate measured on a few bytes (a small file that happened to finish first) says
-            # nothing: measure only once a part's worth has arrived.
-            measured = elapsed > 0.5 and done[0] >= min(need, self.transfer.part_size)
-            r = done[0] / elapsed if measured else rate
-            left = deadline - time.time() - MANIFEST_RESERVE
-            if left <= 0 or (r > 0 and remaining / r > left):
-                if not errors:
-                    errors.append(f"deadline: stopped with {remaining} bytes not uploaded; nothing committed")
-                stop.set()
-                return True
-            return False
+        def tasks() -> Iterator[Callable[[], Any]]:
+            for f in todo:
+                job = up.plan(f, self.data_key(cid, f.path))
+                for i in range(len(job.ranges)):
+                    yield functools.partial(up.run_part, job, i)
 
         def finish() -> None:
-            pool.shutdown()
+            loop.close()
             up.close()
-            for out in pool.drain():
-                handle(out)
-            if errors:
+            if send.errors:
                 up.abort_all()
 
         try:
-            for f in todo:
-                if errors or too_late(need - done[0]):
-                    break
-                job = up.plan(f, self.data_key(cid, f.path))
-                for i in range(len(job.ranges)):
-                    # stop between parts: once stopped, never wait for a slot the parts in flight hold
-                    while not stop.is_set() and not pool.submit(up.run_part, job, i, timeout=0.1):
-                        for out in pool.drain():
-                            handle(out)
-                        too_late(need - done[0])
-                    if stop.is_set():
-                        too_late(need - done[0])
-                        break
-                for out in pool.drain():
-                    handle(out)
-            while not pool.idle() and not (errors and stop.is_set()):
-                for out in pool.drain(timeout=0.1):
-                    handle(out)
-                too_late(need - done[0])
+            if not loop.run(tasks()):
+                send.tick()  # names why it halted (a stop seen only now, the deadline)
         except Exception as exc:  # noqa: BLE001
-            errors.append(f"{type(exc).__name__}: {exc}")
+            send.errors.append(f"{type(exc).__name__}: {exc}")
         finally:
-            if errors:
-                stop.set()
-            if errors == [stopped]:
-                res.preempted = True
+            if send.errors:
+                send.stop.set()
+            if send.errors == [STOPPED]:
+                send.res.preempted = True
                 cleanup.append(finish)  # parts in flight end after the store is released
             else:
                 finish()
-        res.bytes = done[0]
-        if errors:
-            res.error = errors[0] if len(errors) == 1 else f"{errors[0]} (and {len(errors) - 1} more)"
-            return res
-        elapsed = time.monotonic() - t_start
-        if done[0] >= 8 * 1024 * 1024 and elapsed > 0:
-            self.state.update("upload", rate=done[0] / elapsed)
+
+    def _seal(self, up: Uploader, res: CommitResult, entries: Dict[str, dict], changed: List[str], incomplete: List[str],
+              now: float, reason: str, stop: threading.Event) -> CommitResult:
+        """Everything is in S3: leave out what changed, then commit by writing the manifest, last."""
+        cid = res.checkpoint_id
         left_out = self._leave_out(changed, entries)
         res.changed = sorted(changed)
         res.incomplete = sorted(set(incomplete) | left_out)
@@ -505,7 +548,6 @@ class CheckpointStore:
         if left_out:
             log.warning("checkpoint %s: %d file(s) changed while they were uploaded and are left out of %s: %s",
                         self.name, len(left_out), cid, ", ".join(sorted(left_out)[:5]))
-        # Everything is in S3: commit by writing the manifest, last.
         doc = {"format": FORMAT, "id": cid, "created": now, "reason": reason, "host": socket.gethostname(),
                "source_dir": self.ck.dir, "files": [entries[p] for p in sorted(entries)],
                "total_bytes": sum(e["size"] for e in entries.values()), "incomplete": res.incomplete}
@@ -516,7 +558,7 @@ class CheckpointStore:
             return res
         body = json.dumps(doc, indent=1, sort_keys=True).encode()
         if stop.is_set():
-            res.error, res.preempted = stopped, True
+            res.error, res.preempted = STOPPED, True
             return res
         err = self._commit(up, cid, body)
         if err:
@@ -558,8 +600,7 @@ class CheckpointStore:
         """
         key = self.manifest_key(cid)
         try:
-            up._call(self.s3.put_object, Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*",
-                     ContentType="application/json", ChecksumSHA256=checksums.of_bytes("sha256", body))
+            up.put_bytes(key, body, IfNoneMatch="*", ContentType="application/json", ChecksumSHA256=checksums.of_bytes("sha256", body))
             return ""
         except ClientError as exc:
             if not precondition_failed(exc):
@@ -624,7 +665,6 @@ class CheckpointStore:
                         self.transfer.part_size, self.transfer.multipart_threshold, stop=stop,
                         fast=FastGetter.create(self.s3, self.transfer.concurrency + 4) if self.transfer.engine == "auto" else None,
                         root_fd=root_fd, inherit_owner=True)
-        pool = BoundedExecutor(self.transfer.concurrency, self.transfer.concurrency * 2, "restore")
 
         def handle(out: Any) -> None:
             if isinstance(out, FileOutcome):
@@ -639,7 +679,9 @@ class CheckpointStore:
             elif isinstance(out, BaseException):
                 res.error_messages.append(f"internal error: {out}")
 
-        try:
+        loop = TaskLoop(self.transfer.concurrency, self.transfer.concurrency * 2, "restore", handle)
+
+        def tasks() -> Iterator[Callable[[], Any]]:
             for e in doc["files"]:
                 verdict = key_to_relpath(e.get("path", ""), "")
                 cs = e.get("checksum") or {}
@@ -654,16 +696,12 @@ class CheckpointStore:
                     res.error_messages.append(f"manifest entry {e.get('path')!r} refused: {exc}")
                     continue
                 for i in range(len(job.chunks)):
-                    while not pool.submit(dl.run_chunk, job, i, timeout=0.1):
-                        for out in pool.drain():
-                            handle(out)
-            while not pool.idle():
-                for out in pool.drain(timeout=0.1):
-                    handle(out)
+                    yield functools.partial(dl.run_chunk, job, i)
+
+        try:
+            loop.run(tasks())
         finally:
-            pool.shutdown()
-            for out in pool.drain():
-                handle(out)
+            loop.close()
         res.seconds = time.monotonic() - t0
         if res.error_messages:
             res.error = res.error_messages[0] + (f" (and {len(res.error_messages) - 1} more)" if len(res.error_messages) > 1 else "")

@@ -1,4 +1,6 @@
-"""A thread pool that never queues more than ``max_pending`` tasks (like s3transfer's BoundedExecutor).
+"""A thread pool that never queues more than ``max_pending`` tasks (like s3transfer's BoundedExecutor),
+and ``TaskLoop``, the one coordinator loop every transfer (dataset sync, restore, checkpoint upload)
+runs on top of it.
 
 Submitting a million downloads to a plain ThreadPoolExecutor would hold a million futures in memory;
 here ``submit`` blocks (with a timeout, so the coordinator can keep draining results and reporting
@@ -11,7 +13,7 @@ from __future__ import annotations
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 
 class BoundedExecutor:
@@ -67,3 +69,65 @@ class BoundedExecutor:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+Task = Callable[[], Any]
+
+
+class TaskLoop:
+    """The coordinator of one transfer: feeds tasks into a ``BoundedExecutor`` and hands every result
+    to ``handle`` on the calling thread (s3transfer's split: the loop coordinates, the tasks act).
+
+    Downloads, restores and checkpoint uploads all run this same loop; what differs is passed in:
+
+    - ``tasks``: an iterable of zero-argument callables, usually a generator that plans one file at a
+      time and yields one task per part, so nothing is built for a file before a slot is near;
+    - ``handle(result)``: bookkeeping for each task's non-None return value (or the exception it
+      raised), always on the coordinating thread;
+    - ``tick()``: called whenever the loop waits (progress reports, deadline checks, manifest flushes);
+    - ``halted()``: True stops feeding and waiting; tasks already running finish in the background
+      and are collected by ``close``.
+    """
+
+    def __init__(self, workers: int, max_pending: int, name: str, handle: Callable[[Any], None],
+                 tick: Optional[Callable[[], None]] = None, halted: Optional[Callable[[], bool]] = None,
+                 poll: float = 0.1) -> None:
+        self.pool = BoundedExecutor(workers, max_pending, name)
+        self.handle = handle
+        self.tick = tick or (lambda: None)
+        self.halted = halted or (lambda: False)
+        self.poll = poll
+
+    def collect(self, timeout: float = 0.0) -> None:
+        for out in self.pool.drain(timeout):
+            self.handle(out)
+
+    def run(self, tasks: Iterable[Task]) -> bool:
+        """Run every task and wait for all of them; False when ``halted()`` cut it short. The next
+        task is taken from ``tasks`` only after ``tick`` and ``halted`` have been asked, so a
+        generator never plans a file (opens it, starts its multipart upload) once the loop is halted."""
+        it = iter(tasks)
+        while True:
+            self.tick()
+            if self.halted():
+                return False
+            task = next(it, None)
+            if task is None:
+                break
+            while not self.pool.submit(task, timeout=self.poll):
+                self.collect()  # a full pool: keep the bookkeeping moving while waiting for a slot
+                self.tick()
+                if self.halted():
+                    return False  # this task never runs: its owner's close() reclaims what it planned
+            self.collect()
+        while not self.pool.idle():
+            self.collect(self.poll)
+            self.tick()
+            if self.halted():
+                return False
+        return True
+
+    def close(self) -> None:
+        """Wait for the tasks still running and hand over their results (idempotent)."""
+        self.pool.shutdown()
+        self.collect()

@@ -203,6 +203,11 @@ class Uploader:
         job.sums[index] = digest
         self.on_bytes(len(data))
 
+    def put_bytes(self, key: str, body: bytes, **extra: Any) -> Any:
+        """One small object in one PUT, retried like every part (a checkpoint's manifest: the caller
+        passes its own checksum and conditions, e.g. ``IfNoneMatch="*"``)."""
+        return self._call(self.s3.put_object, Bucket=self.bucket, Key=key, Body=body, **extra)
+
     def _call(self, fn: Callable[..., Any], **kwargs: Any) -> Any:
         attempt = 0
         while True:
