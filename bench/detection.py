@@ -137,6 +137,8 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=50)
     ap.add_argument("--idle", type=float, default=60.0)
     ap.add_argument("--peer-trials", type=int, default=20, help="trials at the peers' intervals")
+    ap.add_argument("--peer-intervals", default="2,5",
+                    help="the peers' poll intervals, NTH's then AWS's suggestion (the smoke test uses shorter ones)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -144,9 +146,10 @@ def main() -> int:
     sim = IMDSSimulator("127.0.0.1", 0).start()
     results: Dict[str, Dict[str, float]] = {}
     try:
+        nth, aws = (float(v) for v in args.peer_intervals.split(","))
         configs = [("spot-agent (poll 1 s)", 1.0, 5.0, args.trials),
-                   ("at NTH's interval (2 s)", 2.0, 2.0, args.peer_trials),
-                   ("at AWS's suggestion (5 s)", 5.0, 5.0, args.peer_trials)]
+                   (f"at NTH's interval ({nth:g} s)", nth, nth, args.peer_trials),
+                   (f"at AWS's suggestion ({aws:g} s)", aws, aws, args.peer_trials)]
         for name, poll, slow, n in configs:
             lat = [trial(sim, poll, slow, rng) for _ in range(n)]
             results[name] = {"n": n, "p50": statistics.median(lat), "p99": pct(lat, 0.99), "max": max(lat)}

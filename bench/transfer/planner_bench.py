@@ -67,7 +67,9 @@ def run(root: str, n: int, mode: str) -> dict:
     t0 = time.perf_counter()
     m = LocalManifest(db)
     downloads, skips, buf = 0, 0, []
-    for act in plan(listing(n), m.entries(), _lstat(tree), "ds/", KeyFilter(), lookup=m.lookup):
+    # The sync plans against the destination's directory fd (symlink-safe lookups), so does this.
+    root_fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY)
+    for act in plan(listing(n), m.entries(), _lstat(root_fd), "ds/", KeyFilter(), lookup=m.lookup):
         if isinstance(act, Download):
             downloads += 1
             buf.append(act)
@@ -78,6 +80,7 @@ def run(root: str, n: int, mode: str) -> dict:
             skips += 1
     m.add_plan(buf)
     m.close()
+    os.close(root_fd)
     dt = time.perf_counter() - t0
     return {"mode": mode, "keys": n, "downloads": downloads, "skips": skips, "seconds": round(dt, 2),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
