@@ -36,6 +36,7 @@ deb:
 rpm:
 	bash packaging/rpm/build.sh
 
+# Every benchmark at its documented size (bench/all.py; `python -m bench.all --quick`: the smoke sizes).
 bench: $(TEST_READY)
 	$(PY) -m bench.all
 

@@ -9,10 +9,9 @@ always, so nothing is skipped.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-from typing import Dict, List
+from typing import List
 
 import pytest
 
@@ -22,12 +21,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 HANG_GUARD = 300.0
 
 
-def peers() -> Dict[str, str]:
+def peers() -> List[str]:
     """The peer tools installed on this machine, by the row names transfer_bench uses."""
     from bench import transfer_bench as tb
 
-    found = {"aws s3 sync": tb.AWS, "s5cmd sync": tb.S5CMD, "rclone sync": shutil.which("rclone") or ""}
-    return {name: path for name, path in found.items() if path and os.access(path, os.X_OK)}
+    return [t for t in tb.installed(["aws s3 sync", "s5cmd sync", "rclone sync"])]
+
+
+def quick(name: str, run: int = 0) -> str:
+    """Run one of bench/all.py's quick (smoke) commands; its stdout."""
+    from bench.all import by_name
+
+    bench = by_name(name)
+    return run_bench(bench.module, *bench.quick[run])
 
 
 def run_bench(*argv: str) -> str:

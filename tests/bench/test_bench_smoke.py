@@ -1,18 +1,40 @@
-"""Each benchmark of bench/ at a tiny size: it completes, and its table has every row (see conftest)."""
+"""Each benchmark of bench/ at its smoke size (bench/all.py's quick commands): it completes, and its
+table has every row (see conftest)."""
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 
 import pytest
 
-from tests.bench.conftest import peers, run_bench, table_rows
+from tests.bench.conftest import ROOT, peers, quick, run_bench, table_rows
+
+
+def test_every_benchmark_script_is_in_the_registry():
+    from bench.all import BENCHES, HELPERS
+
+    modules = {b.module for b in BENCHES} | set(HELPERS)
+    scripts = {os.path.relpath(p, ROOT)[:-3].replace("/", ".")
+               for p in glob.glob(os.path.join(ROOT, "bench", "**", "*.py"), recursive=True)
+               if not p.endswith("__init__.py")}
+    assert scripts - modules == set(), "add these to bench/all.py (BENCHES with a quick run, or HELPERS)"
+    assert all(b.quick and b.full for b in BENCHES)
+
+
+def test_bench_all_lists_every_command():
+    from bench.all import BENCHES
+
+    out = run_bench("bench.all", "--list")
+    assert out.count("## ") == sum(len(b.full) for b in BENCHES)
+    quick_out = run_bench("bench.all", "--list", "--quick", "--only", "detection")
+    assert quick_out.count("## ") == 1 and "--peer-intervals" in quick_out
 
 
 @pytest.mark.root
 def test_volumes_bench_brings_up_each_filesystem_blank_and_existing():
-    out = run_bench("bench.volumes_bench", "--runs", "1", "--size-gib", "1")
-    rows = table_rows(out, "| fs | volume |")
+    rows = table_rows(quick("volumes"), "| fs | volume |")
     assert [(r[0], r[1].split()[0]) for r in rows] == [("ext4", "blank"), ("ext4", "existing"),
                                                        ("xfs", "blank"), ("xfs", "existing")]
     assert all(float(r[2]) > 0 for r in rows)
@@ -20,8 +42,7 @@ def test_volumes_bench_brings_up_each_filesystem_blank_and_existing():
 
 @pytest.mark.root
 def test_drain_bench_drains_a_small_checkpoint_with_its_upload():
-    out = run_bench("bench.drain_bench", "--trials", "1", "--size-mib", "8", "--json")
-    summary = json.loads(out)["summary"]
+    summary = json.loads(quick("drain"))["summary"]
     assert summary["all_ok"] and summary["upload"] and summary["trials"] == 1
     for mark in ("notice", "workload-signalled", "checkpoint-written", "snapshot-requested", "thawed",
                  "upload-committed", "lifecycle-completed"):
@@ -30,8 +51,7 @@ def test_drain_bench_drains_a_small_checkpoint_with_its_upload():
 
 
 def test_detection_bench_times_the_hook_at_each_interval_and_idles():
-    out = run_bench("bench.detection", "--trials", "1", "--peer-trials", "1", "--idle", "0.5",
-                    "--peer-intervals", "0.3,0.5")
+    out = quick("detection")
     rows = table_rows(out, "| configuration |")
     assert [r[0] for r in rows] == ["spot-agent (poll 1 s)", "at NTH's interval (0.3 s)", "at AWS's suggestion (0.5 s)"]
     assert all(r[1] == "1" and float(r[2]) > 0 for r in rows)
@@ -39,33 +59,28 @@ def test_detection_bench_times_the_hook_at_each_interval_and_idles():
 
 
 def test_fleet_drain_bench_drains_every_agent_without_a_late_call():
-    data = json.loads(run_bench("bench.fleet_drain", "--agents", "2", "--window", "20", "--json"))
-    s = data["summary"]
+    s = json.loads(quick("fleet"))["summary"]
     assert (s["agents"], s["drains_ok"], s["snapshots"], s["lifecycle_completed"]) == (2, 2, 2, 2)
     assert s["late_calls"] == 0
 
 
 def test_transfer_bench_peers_rows_for_spot_agent_and_each_installed_peer():
-    tools = ["spot-agent", *peers()]
-    out = run_bench("bench.transfer_bench", "peers", "--a-files", "30", "--b-mib", "2", "--d-gib", "0.03125",
-                    "--timeout", "60", "--tools", ",".join(tools))
-    rows = {(r[0], r[1]): r for r in table_rows(out, "| corpus | tool |")}
+    rows = {(r[0], r[1]): r for r in table_rows(quick("transfer", 0), "| corpus | tool |")}
     for corpus in "ABCD":
-        for tool in tools:
-            assert (corpus, tool) in rows, (corpus, tool, out[-2000:])
+        for tool in ["spot-agent", *peers()]:
+            assert (corpus, tool) in rows, (corpus, tool, sorted(rows))
         assert rows[(corpus, "spot-agent")][4] == "1/1", rows[(corpus, "spot-agent")]
 
 
 def test_transfer_bench_engines_downloads_each_corpus_with_each_engine():
-    out = run_bench("bench.transfer_bench", "engines", "--a-files", "30", "--b-mib", "2")
-    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    rows = [json.loads(line) for line in quick("transfer", 1).splitlines() if line.startswith("{")]
     seen = {(r["corpus"], r["engine"]) for r in rows}
     assert {("A", "ours"), ("A", "s3transfer"), ("B", "ours"), ("B", "s3transfer")} <= seen
     assert all(r["ok"] for r in rows)
 
 
 def test_planner_bench_plans_a_fresh_and_a_resync_listing():
-    out = run_bench("bench.transfer_bench", "planner", "--keys", "2000")
+    out = quick("planner")
     rows = {r["mode"]: r for r in (json.loads(line) for line in out.splitlines() if line.startswith("{"))}
     assert (rows["fresh"]["downloads"], rows["fresh"]["skips"]) == (2000, 0)
     assert (rows["resync"]["downloads"], rows["resync"]["skips"]) == (0, 2000)
